@@ -1,0 +1,39 @@
+# trieflow — two commands: `make demo` (main job on embedded defaults) and `make test`.
+# Each creates .venv if missing and installs the pinned stack first (torch CPU build first).
+SHELL := /bin/bash
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+VPY := $(VENV)/bin/python
+REQ_HASH := $(shell cat requirements.txt constraints.txt | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+DATA_DIR ?= $(shell [ -d ../shared/data/kgclue ] && echo ../shared/data/kgclue)
+OUT ?= runs/demo
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: venv demo test test-fast bench-trie clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -c constraints.txt -r requirements.txt
+	# Prebuild DeepSpeed's shm comm op once, so no training run JIT-compiles it (~40-90 s, 6 GB).
+	DS_BUILD_SHM_COMM=1 $(VPY) -m pip install -q --no-build-isolation --no-cache-dir \
+	    --force-reinstall --no-deps -c constraints.txt deepspeed==0.19.8
+	rm -f $(VENV)/.installed-*; touch $@
+
+demo: $(STAMP)
+	$(VPY) -m flows.data_prep $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out $(OUT)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+bench-trie: $(STAMP)
+	$(VPY) -m bench.trie --scale full --json bench/results/trie-full.json
+
+clean:
+	rm -rf runs .prefect .pytest_cache

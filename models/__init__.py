@@ -1,0 +1,1 @@
+"""Pure PyTorch / numpy: no prefect, no ray in this package."""

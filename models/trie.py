@@ -1,0 +1,385 @@
+"""A compact prefix tree over KgCLUE generation targets (pure numpy).
+
+Keys are token sequences ``BOS  S…  SEP  P…  SEP  M…  EOS`` (subject base name, predicate,
+disambiguation; ALGORITHMS.md §3, order S, P, M). A nested-dict trie (GENRE, bojone) costs
+~1.5 KB per key; this one factorises the key instead:
+
+* subjects: a BFS-ordered CSR trie over the distinct base names (each ending in SEP), so
+  ``allowed`` at a subject node is one array slice;
+* predicates / disambiguations: global tables of distinct token sequences sorted by token
+  order, plus per-subject sorted predicate ids (``sp_*``) and per-(subject, predicate)
+  sorted disambiguation ids (``spm_*``). Inside P or M the state is the small set of
+  candidate ids still consistent with the prefix, filtered one token at a time.
+
+Everything is a flat numpy array, so a saved trie is memory-mapped on load. A key id is
+the rank of (subject, predicate, disambiguation) in that sorted order.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from models.vocab import BOS, EOS, SEP, CharVocab
+
+FORMAT_VERSION = 1
+ARRAYS = ("s_label", "s_first_child", "s_lo", "s_tokens", "s_offsets", "p_tokens", "p_offsets",
+          "m_tokens", "m_offsets", "sp_offsets", "sp_pred", "spm_offsets", "spm_m")
+_PHASE_S, _PHASE_P, _PHASE_M, _DONE = range(4)
+
+
+class ImpossibleState(ValueError):
+    """A token that no key allows at this point of the prefix."""
+
+
+@dataclass(frozen=True)
+class TrieState:
+    """Where a beam stands: phase, depth inside the current part, and what is still possible.
+
+    ``node`` is the subject-trie node (phase S), the subject id (P) or the entry id (M) or
+    the key id (done); ``cands`` the candidate predicate entries (P) or key ids (M).
+    """
+
+    phase: int
+    node: int
+    depth: int = 0
+    cands: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------- building
+def sort_sequences(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Sort token sequences lexicographically; return (order, rank of each input).
+
+    Equal sequences share a rank (ranks are dense, 0..n_unique-1).
+    """
+    width = 4 if any(s.size and s.max() > 0xFFFF for s in seqs) else 2
+    dt = ">u4" if width == 4 else ">u2"
+    keys = [np.asarray(s).astype(dt).tobytes() for s in seqs]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    rank = np.empty(len(keys), dtype=np.int64)
+    r = -1
+    prev = None
+    for i in order:
+        if keys[i] != prev:
+            r += 1
+            prev = keys[i]
+        rank[i] = r
+    return np.asarray(order, dtype=np.int64), rank
+
+
+def pack_sequences(seqs: Sequence[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate sequences into a flat token array with int64 offsets (CSR)."""
+    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    flat = np.concatenate(seqs).astype(dtype) if seqs else np.zeros(0, dtype)
+    return flat, offsets
+
+
+def build_bfs_trie(tokens: np.ndarray, offsets: np.ndarray):
+    """CSR trie in BFS order over sorted, prefix-free sequences.
+
+    Returns (label, first_child, lo): node u's children are ids ``first_child[u]`` ..
+    ``first_child[u+1]-1`` in label order; ``lo[u]`` is the first sequence below u. Node 0
+    is the root. Work is O(total tokens), all vectorised per depth.
+    """
+    n = len(offsets) - 1
+    lens = np.diff(offsets)
+    starts_at = offsets[:-1]
+    lcp = np.zeros(n, dtype=np.int32)  # common prefix length with the previous sequence
+    active = np.arange(1, n)
+    d = 0
+    while active.size:
+        ok = (lens[active] > d) & (lens[active - 1] > d)
+        a = active[ok]
+        a = a[tokens[starts_at[a] + d] == tokens[starts_at[a - 1] + d]]
+        lcp[a] += 1
+        active, d = a, d + 1
+    labels, los, parents = [np.zeros(1, tokens.dtype)], [np.zeros(1, np.int32)], [np.zeros(0, np.int64)]
+    alive = np.arange(n)
+    prev_starts, prev_base, next_base = None, 0, 1
+    d = 0
+    while alive.size:
+        starts = alive[lcp[alive] <= d]  # a new node at depth d begins at these sequences
+        labels.append(tokens[starts_at[starts] + d])
+        los.append(starts.astype(np.int32))
+        if prev_starts is None:
+            parents.append(np.zeros(len(starts), np.int64))
+        else:
+            parents.append(prev_base + np.searchsorted(prev_starts, starts, side="right") - 1)
+        prev_starts, prev_base, next_base = starts, next_base, next_base + len(starts)
+        d += 1
+        alive = alive[lens[alive] > d]
+    parent = np.concatenate(parents)
+    n_nodes = next_base
+    counts = np.bincount(parent, minlength=n_nodes)
+    first_child = np.empty(n_nodes + 1, dtype=np.int64)
+    first_child[0] = 1
+    np.cumsum(counts, out=first_child[1:])
+    first_child[1:] += 1
+    return np.concatenate(labels), first_child, np.concatenate(los)
+
+
+def _csr_from_groups(group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Offsets for a sorted array of group ids (CSR row pointers)."""
+    offsets = np.zeros(n_groups + 1, dtype=np.int64)
+    np.cumsum(np.bincount(group, minlength=n_groups), out=offsets[1:])
+    return offsets
+
+
+# --------------------------------------------------------------------------- the trie
+class KgTrie:
+    """The prefix tree; build with :meth:`build` / :meth:`from_triples`, or :meth:`load`."""
+
+    bos, sep, eos = BOS, SEP, EOS
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        missing = set(ARRAYS) - set(arrays)
+        if missing:
+            raise ValueError(f"trie arrays missing: {sorted(missing)}")
+        for name in ARRAYS:
+            setattr(self, name, arrays[name])
+        self.n_subjects = len(self.s_offsets) - 1
+        self.n_keys = len(self.spm_m)
+
+    # ----- construction
+    @classmethod
+    def build(cls, vocab: CharVocab, s_strings: Sequence[str], p_strings: Sequence[str],
+              m_strings: Sequence[str], s_idx: np.ndarray, p_idx: np.ndarray,
+              m_idx: np.ndarray) -> tuple["KgTrie", np.ndarray]:
+        """Build from distinct strings and, per triple, indices into them.
+
+        Returns the trie and, for every input triple, its key id (several triples may share
+        a key: same subject, predicate and disambiguation, other objects).
+        """
+        dtype = vocab.token_dtype
+
+        def table(strings, end):
+            seqs = [np.append(vocab.encode_np(s), end).astype(np.int64) for s in strings]
+            order, rank = sort_sequences(seqs)
+            uniq = []
+            seen = -1
+            for i in order:  # one representative per distinct token sequence
+                if rank[i] != seen:
+                    uniq.append(seqs[i])
+                    seen = rank[i]
+            flat, offs = pack_sequences(uniq, dtype)
+            return flat, offs, rank
+
+        s_tok, s_off, s_rank = table(s_strings, SEP)
+        p_tok, p_off, p_rank = table(p_strings, SEP)
+        m_tok, m_off, m_rank = table(m_strings, EOS)
+        s = s_rank[np.asarray(s_idx)]
+        p = p_rank[np.asarray(p_idx)]
+        m = m_rank[np.asarray(m_idx)]
+        n_s, n_p, n_m = len(s_off) - 1, len(p_off) - 1, len(m_off) - 1
+        bits_p, bits_m = max(1, int(n_p).bit_length()), max(1, int(n_m).bit_length())
+        if int(n_s).bit_length() + bits_p + bits_m <= 63:
+            composite = (s << (bits_p + bits_m)) | (p << bits_m) | m
+            uniq, key_of = np.unique(composite, return_inverse=True)
+            ks, kp, km = uniq >> (bits_p + bits_m), (uniq >> bits_m) & ((1 << bits_p) - 1), uniq & ((1 << bits_m) - 1)
+        else:  # pragma: no cover - astronomically large KBs
+            order = np.lexsort((m, p, s))
+            trip = np.stack([s[order], p[order], m[order]], 1)
+            keep = np.ones(len(order), bool)
+            keep[1:] = np.any(trip[1:] != trip[:-1], axis=1)
+            ks, kp, km = trip[keep].T
+            key_of = np.empty(len(order), np.int64)
+            key_of[order] = np.cumsum(keep) - 1
+        # entries = distinct (s, p); keys = distinct (s, p, m), both in sorted order
+        new_entry = np.ones(len(ks), dtype=bool)
+        new_entry[1:] = (ks[1:] != ks[:-1]) | (kp[1:] != kp[:-1])
+        entry_of_key = np.cumsum(new_entry) - 1
+        e_s, e_p = ks[new_entry], kp[new_entry]
+        label, first_child, lo = build_bfs_trie(s_tok, s_off)
+        arrays = dict(
+            s_label=label, s_first_child=first_child, s_lo=lo, s_tokens=s_tok, s_offsets=s_off,
+            p_tokens=p_tok, p_offsets=p_off, m_tokens=m_tok, m_offsets=m_off,
+            sp_offsets=_csr_from_groups(e_s, n_s), sp_pred=e_p.astype(np.int32),
+            spm_offsets=_csr_from_groups(entry_of_key, len(e_s)), spm_m=km.astype(np.int32))
+        return cls(arrays), key_of.astype(np.int64)
+
+    @classmethod
+    def from_triples(cls, triples: Iterable[tuple[str, str, str]], vocab: CharVocab) -> "KgTrie":
+        """Convenience builder for small KBs: (subject base, predicate, disambiguation)."""
+        tables: list[dict[str, int]] = [{}, {}, {}]
+        idx: list[list[int]] = [[], [], []]
+        for triple in triples:
+            for j, value in enumerate(triple):
+                idx[j].append(tables[j].setdefault(value, len(tables[j])))
+        if not idx[0]:
+            raise ValueError("cannot build a trie from zero keys")
+        strings = [list(t) for t in tables]
+        trie, _ = cls.build(vocab, *strings, *(np.asarray(i, dtype=np.int64) for i in idx))
+        return trie
+
+    # ----- persistence (writing is the tasks layer's job: tasks/trie_build.py)
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ARRAYS}
+
+    @classmethod
+    def load(cls, directory: str | Path, mmap: bool = True) -> "KgTrie":
+        """Load the arrays a build saved (``NAME.npy``), memory-mapped by default."""
+        directory = Path(directory)
+        meta = json.loads((directory / "trie.json").read_text("utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: trie format {meta.get('format_version')} != "
+                             f"{FORMAT_VERSION}; rebuild it with the build-trie step")
+        return cls({n: np.load(directory / f"{n}.npy", mmap_mode="r" if mmap else None)
+                    for n in ARRAYS})
+
+    def meta(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "keys": int(self.n_keys),
+                "subjects": int(self.n_subjects), "predicates": int(len(self.p_offsets) - 1),
+                "disambiguations": int(len(self.m_offsets) - 1), "nodes": int(len(self.s_label)),
+                "bytes": self.nbytes()}
+
+    # ----- queries
+    def start(self) -> TrieState:
+        """The state after BOS."""
+        return TrieState(_PHASE_S, 0)
+
+    def _children(self, node: int) -> tuple[int, int]:
+        return int(self.s_first_child[node]), int(self.s_first_child[node + 1])
+
+    def allowed(self, state: TrieState) -> np.ndarray:
+        """Sorted unique token ids that may follow ``state`` (empty only when terminal)."""
+        if state.phase == _PHASE_S:
+            a, b = self._children(state.node)
+            return np.asarray(self.s_label[a:b], dtype=np.int64)
+        if state.phase == _PHASE_P:
+            preds = self.sp_pred[state.cands]
+            return np.unique(self.p_tokens[self.p_offsets[preds] + state.depth]).astype(np.int64)
+        if state.phase == _PHASE_M:
+            ms = self.spm_m[state.cands]
+            return np.unique(self.m_tokens[self.m_offsets[ms] + state.depth]).astype(np.int64)
+        return np.zeros(0, dtype=np.int64)
+
+    def advance(self, state: TrieState, token: int) -> TrieState:
+        """The state after ``token``; raises :class:`ImpossibleState` if no key allows it."""
+        token = int(token)
+        if state.phase == _PHASE_S:
+            a, b = self._children(state.node)
+            labels = self.s_label[a:b]
+            j = int(np.searchsorted(labels, token))
+            if j >= len(labels) or int(labels[j]) != token:
+                raise ImpossibleState(f"token {token} not allowed after subject node {state.node}")
+            child = a + j
+            if token != SEP:
+                return TrieState(_PHASE_S, child)
+            s = int(self.s_lo[child])
+            cands = np.arange(self.sp_offsets[s], self.sp_offsets[s + 1], dtype=np.int64)
+            return TrieState(_PHASE_P, s, 0, cands)
+        if state.phase == _PHASE_P:
+            preds = self.sp_pred[state.cands]
+            keep = state.cands[self.p_tokens[self.p_offsets[preds] + state.depth] == token]
+            if keep.size == 0:
+                raise ImpossibleState(f"token {token} not allowed in the predicate at depth {state.depth}")
+            if token != SEP:
+                return TrieState(_PHASE_P, state.node, state.depth + 1, keep)
+            e = int(keep[0])  # predicate ids are unique per subject: SEP closes exactly one
+            keys = np.arange(self.spm_offsets[e], self.spm_offsets[e + 1], dtype=np.int64)
+            return TrieState(_PHASE_M, e, 0, keys)
+        if state.phase == _PHASE_M:
+            ms = self.spm_m[state.cands]
+            keep = state.cands[self.m_tokens[self.m_offsets[ms] + state.depth] == token]
+            if keep.size == 0:
+                raise ImpossibleState(f"token {token} not allowed in the disambiguation at depth {state.depth}")
+            if token != EOS:
+                return TrieState(_PHASE_M, state.node, state.depth + 1, keep)
+            return TrieState(_DONE, int(keep[0]))
+        raise ImpossibleState("the key is complete: nothing may follow EOS")
+
+    def is_terminal(self, state: TrieState) -> bool:
+        return state.phase == _DONE
+
+    def key_id(self, state: TrieState) -> int:
+        if state.phase != _DONE:
+            raise ValueError("key_id() needs a terminal state (after EOS)")
+        return state.node
+
+    def allowed_prefix(self, prefix_ids: Sequence[int]) -> np.ndarray:
+        """Non-incremental form: ``prefix_ids`` starts with BOS."""
+        if len(prefix_ids) == 0 or int(prefix_ids[0]) != BOS:
+            raise ImpossibleState("a prefix must start with the BOS token")
+        state = self.start()
+        for t in prefix_ids[1:]:
+            state = self.advance(state, t)
+        return self.allowed(state)
+
+    # ----- keys and completions
+    def key_parts(self, key_id: int) -> tuple[int, int, int]:
+        """(subject id, predicate id, disambiguation id) of a key."""
+        if not 0 <= key_id < self.n_keys:
+            raise IndexError(f"key id {key_id} outside 0..{self.n_keys - 1}")
+        e = int(np.searchsorted(self.spm_offsets, key_id, side="right")) - 1
+        s = int(np.searchsorted(self.sp_offsets, e, side="right")) - 1
+        return s, int(self.sp_pred[e]), int(self.spm_m[key_id])
+
+    def _seq(self, which: str, i: int) -> np.ndarray:
+        tok, off = getattr(self, f"{which}_tokens"), getattr(self, f"{which}_offsets")
+        return np.asarray(tok[off[i]:off[i + 1]], dtype=np.int64)
+
+    def key_tokens(self, key_id: int) -> np.ndarray:
+        """The key's tokens without BOS: S… SEP P… SEP M… EOS."""
+        s, p, m = self.key_parts(key_id)
+        return np.concatenate([self._seq("s", s), self._seq("p", p), self._seq("m", m)])
+
+    def completions(self, state: TrieState, limit: int | None = None) -> list[np.ndarray]:
+        """Remaining token sequences (each ending in EOS) of every key below ``state``."""
+        out: list[np.ndarray] = []
+        full = limit is None
+
+        def room() -> bool:
+            return full or len(out) < limit
+
+        if state.phase == _PHASE_M:
+            for k in state.cands:
+                if not room():
+                    break
+                out.append(self._seq("m", int(self.spm_m[k]))[state.depth:])
+            return out
+        if state.phase == _PHASE_P:
+            for e in state.cands:
+                tail = self._seq("p", int(self.sp_pred[e]))[state.depth:]
+                for k in range(self.spm_offsets[e], self.spm_offsets[e + 1]):
+                    if not room():
+                        return out
+                    out.append(np.concatenate([tail, self._seq("m", int(self.spm_m[k]))]))
+            return out
+        if state.phase == _PHASE_S:
+            depth, v = 0, state.node
+            while v != 0:  # depth = steps from the root
+                v = self._parent(v)
+                depth += 1
+            last = state.node
+            while self.s_first_child[last + 1] > self.s_first_child[last]:
+                last = int(self.s_first_child[last + 1]) - 1  # rightmost child
+            for s in range(int(self.s_lo[state.node]), int(self.s_lo[last]) + 1):
+                head = self._seq("s", s)[depth:]
+                for e in range(self.sp_offsets[s], self.sp_offsets[s + 1]):
+                    p = self._seq("p", int(self.sp_pred[e]))
+                    for k in range(self.spm_offsets[e], self.spm_offsets[e + 1]):
+                        if not room():
+                            return out
+                        out.append(np.concatenate([head, p, self._seq("m", int(self.spm_m[k]))]))
+        return out
+
+    def _parent(self, node: int) -> int:
+        return int(np.searchsorted(self.s_first_child, node, side="right")) - 1
+
+    def entity_count(self) -> int:
+        """Distinct (subject, disambiguation) pairs, i.e. KB entities."""
+        entry_of_key = np.repeat(np.arange(len(self.spm_offsets) - 1), np.diff(self.spm_offsets))
+        s_of_entry = np.repeat(np.arange(self.n_subjects), np.diff(self.sp_offsets))
+        pair = s_of_entry[entry_of_key].astype(np.int64) * (len(self.m_offsets) - 1) + self.spm_m
+        return int(len(np.unique(pair)))
+
+    def __len__(self) -> int:
+        return self.n_keys
+
+    def nbytes(self) -> int:
+        return int(sum(np.asarray(getattr(self, n)).nbytes for n in ARRAYS))

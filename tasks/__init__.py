@@ -1,0 +1,1 @@
+"""Pipeline steps: plain functions plus thin Prefect task wrappers. See ARCHITECTURE.md."""

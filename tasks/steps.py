@@ -1,0 +1,78 @@
+"""Thin Prefect task wrappers over the data steps (plain functions live beside them).
+
+No retries here: these steps are deterministic, so a ValueError would fail again. Each
+step caches by content itself (its manifest records the inputs' hashes), so Prefect's own
+result cache is off.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import reporting
+from tasks.kb import ingest_kb
+from tasks.kgclue_data import prepare
+from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
+from tasks.storage import read_manifest
+from tasks.trie_build import build_trie_index
+from tasks.vocab import build_vocab
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data(files: dict[str, str], out_dir: str, max_bad_fraction: float) -> dict[str, Any]:
+    """Validate KgCLUE files into Parquet + quarantine; publish counts."""
+    t0 = time.perf_counter()
+    manifest = prepare({k: Path(v) for k, v in files.items()}, Path(out_dir), max_bad_fraction)
+    rows = [{"split": s, **{k: v for k, v in m.items() if k != "source"}} for s, m in manifest["splits"].items()]
+    reporting.table("data-prep-counts", rows, "Lines read, rows kept and lines quarantined per split")
+    bad = [json.loads(x) for x in (Path(out_dir) / "quarantine.jsonl").read_text("utf-8").splitlines()[:200]]
+    if bad:
+        reporting.table("data-prep-quarantine", bad, "Quarantined lines (first 200): file, line, reason, fix")
+    get_run_logger().info("prepare-data: %s in %.1fs", rows, time.perf_counter() - t0)
+    return manifest
+
+
+@task(name="build-kb", cache_policy=NO_CACHE)
+def build_kb(data_out: str, out_root: str, kb_file: str | None, labelled: list[str],
+             cfg: MiniKbConfig, chunk_bytes: int, max_bad_fraction: float) -> dict[str, Any]:
+    """Ingest the official KB, or write the mini-KB (kb.txt) from labelled rows and ingest it."""
+    logger = get_run_logger()
+    if kb_file is None:
+        rows: list[dict] = []
+        for split in labelled:
+            rows.extend(pq.read_table(Path(data_out) / f"{split}.parquet").to_pylist())
+        triples = build_triples(gold_triples(rows), cfg)
+        kb_file = str(Path(out_root) / "kb.txt")
+        write_kb_txt(triples, kb_file)
+        logger.info("build-kb: %s mini-KB with %d triples from %s -> %s", cfg.protocol, len(triples), labelled, kb_file)
+
+    def progress(lines: int, rows_out: int, bad: int) -> None:
+        logger.info("build-kb: %s lines read, %s triples, %s quarantined", f"{lines:,}", f"{rows_out:,}", bad)
+
+    return ingest_kb(kb_file, Path(out_root) / "kb", chunk_bytes, max_bad_fraction, progress)
+
+
+@task(name="build-vocab", cache_policy=NO_CACHE)
+def build_vocab_step(data_out: str, kb_out: str, out_dir: str) -> dict[str, Any]:
+    """Characters of all questions and KB strings."""
+    data_m, kb_m = read_manifest(data_out), read_manifest(kb_out)
+    key = hashlib.sha256(json.dumps([data_m["inputs_sha256"], kb_m["source_sha256"]]).encode()).hexdigest()
+    questions: list[str] = []
+    for name in data_m["files"]:
+        if name.endswith(".parquet"):
+            questions.extend(pq.read_table(Path(data_out) / name, columns=["question"])["question"].to_pylist())
+    return build_vocab(questions, kb_out, out_dir, key)
+
+
+@task(name="build-trie", cache_policy=NO_CACHE)
+def build_trie_step(kb_out: str, vocab_out: str, out_dir: str) -> dict[str, Any]:
+    """The prefix tree over (S, P, M) keys plus the object index."""
+    logger = get_run_logger()
+    return build_trie_index(kb_out, vocab_out, out_dir, log=logger.info)

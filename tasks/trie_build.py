@@ -1,0 +1,110 @@
+"""Build the KgTrie and the object index from an ingested KB, save them memory-mappable.
+
+Bounded memory: the KB is read a row group at a time and turned into three int32 id
+columns (indices into the sorted distinct strings); strings are tokenised once per
+distinct value, not per triple. Objects are gathered in key order into one byte blob.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from models.kb_index import KbIndex
+from models.trie import KgTrie
+from models.vocab import CharVocab
+from tasks.kb import read_distinct
+from tasks.storage import atomic_path, atomic_write_text, read_manifest, write_manifest
+from tasks.vocab import load_vocab
+
+SCHEMA_VERSION = 1
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+
+
+def _ids(kb_file: Path, n_rows: int, values: dict[str, pa.Array]) -> dict[str, np.ndarray]:
+    """Per triple, the index of its subject / predicate / disambiguation in the sorted values."""
+    pf = pq.ParquetFile(kb_file)
+    out = {c: np.empty(n_rows, dtype=np.int32) for c in values}
+    pos = 0
+    for rg in range(pf.num_row_groups):
+        t = pf.read_row_group(rg, columns=list(values))
+        for c, vals in values.items():
+            idx = pc.index_in(t[c], value_set=vals)
+            if idx.null_count:
+                raise ValueError(f"{kb_file}: a {c} is missing from the distinct table; re-ingest the KB")
+            out[c][pos:pos + t.num_rows] = idx.to_numpy()
+        pos += t.num_rows
+    if pos != n_rows:
+        raise ValueError(f"{kb_file}: {pos} rows read, manifest says {n_rows}; re-ingest the KB")
+    return out
+
+
+def _objects_by_key(kb_file: Path, key_of: np.ndarray, n_keys: int) -> dict[str, np.ndarray]:
+    """Objects in key order (stable: KB file order within a key) as a blob + offsets + CSR."""
+    order = np.argsort(key_of, kind="stable")
+    objs = pq.read_table(kb_file, columns=["object"])["object"]
+    objs = objs.cast(pa.large_string()).combine_chunks().take(pa.array(order))
+    del order
+    offsets = np.frombuffer(objs.buffers()[1], dtype=np.int64)[:len(objs) + 1]
+    data = np.frombuffer(objs.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    key_obj = np.zeros(n_keys + 1, dtype=np.int64)
+    np.cumsum(np.bincount(key_of, minlength=n_keys), out=key_obj[1:])
+    return {"obj_data": data, "obj_offsets": offsets - offsets[0], "key_obj": key_obj}
+
+
+def build_trie_index(kb_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """kb_dir (ingested) + vocab -> out_dir with trie arrays, object index and manifest."""
+    kb_dir, out_dir = Path(kb_dir), Path(out_dir)
+    kb_manifest = read_manifest(kb_dir)
+    vocab = load_vocab(vocab_dir)
+    key = hashlib.sha256(json.dumps([kb_manifest["files"]["kb.parquet"]["sha256"], vocab.sha256,
+                                     SCHEMA_VERSION]).encode()).hexdigest()
+    try:
+        manifest = read_manifest(out_dir)
+        if manifest.get("inputs_sha256") == key:
+            return manifest
+    except Exception:  # noqa: BLE001 - rebuild
+        pass
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    values = {c: read_distinct(kb_dir, c) for c in ("subject", "predicate", "disambiguation")}
+    n_rows = kb_manifest["files"]["kb.parquet"]["rows"]
+    ids = _ids(kb_dir / "kb.parquet", n_rows, values)
+    log(f"build-trie: {n_rows:,} triples mapped to ids")
+    strings = {c: v.to_pylist() for c, v in values.items()}
+    del values
+    trie, key_of = KgTrie.build(vocab, strings["subject"], strings["predicate"], strings["disambiguation"],
+                                ids["subject"], ids["predicate"], ids["disambiguation"])
+    del ids, strings
+    log(f"build-trie: {trie.n_keys:,} keys, {len(trie.s_label):,} subject nodes")
+    arrays = {**trie.arrays(), **_objects_by_key(kb_dir / "kb.parquet", key_of, trie.n_keys)}
+    entities = trie.entity_count()
+    files: dict[str, dict[str, Any]] = {}
+    for name, arr in arrays.items():
+        save_array(out_dir / f"{name}.npy", arr)
+        files[f"{name}.npy"] = {"rows": int(len(arr)), "dtype": str(arr.dtype)}
+    meta = {**trie.meta(), "entities": entities, "triples": int(n_rows)}
+    atomic_write_text(out_dir / "trie.json", json.dumps(meta, indent=2))
+    files["trie.json"] = {}
+    return write_manifest(out_dir, files, schema_version=SCHEMA_VERSION, inputs_sha256=key,
+                          vocab_sha256=vocab.sha256, **{k: v for k, v in meta.items() if k != "bytes"},
+                          trie_bytes=meta["bytes"])
+
+
+def load_trie_index(out_dir: str | Path, vocab: CharVocab) -> tuple[KgTrie, KbIndex]:
+    """Memory-map a built trie and its object index (only from a complete output)."""
+    manifest = read_manifest(out_dir)
+    if manifest["vocab_sha256"] != vocab.sha256:
+        raise ValueError(f"{out_dir}: built with another vocabulary; rebuild the trie")
+    trie = KgTrie.load(out_dir)
+    return trie, KbIndex.load(out_dir, trie, vocab)

@@ -1,0 +1,44 @@
+"""Build and load the character vocabulary (questions + KB strings), saved with its hash."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from models.vocab import CharVocab
+from tasks.kb import read_distinct
+from tasks.storage import atomic_write_text, read_manifest, write_manifest
+
+SCHEMA_VERSION = 1
+
+
+def build_vocab(questions: Iterable[str], kb_dir: str | Path, out_dir: str | Path,
+                inputs_sha256: str) -> dict[str, Any]:
+    """Characters of every question and of every distinct KB subject/predicate/disambiguation.
+
+    Objects are not generated (they are looked up), so they do not enter the vocabulary.
+    """
+    out_dir = Path(out_dir)
+    try:
+        manifest = read_manifest(out_dir)
+        if manifest.get("inputs_sha256") == inputs_sha256:
+            return manifest
+    except Exception:  # noqa: BLE001 - rebuild
+        pass
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    chars: set[str] = set()
+    for q in questions:
+        chars.update(q)
+    for column in ("subject", "predicate", "disambiguation"):
+        chars.update("".join(read_distinct(kb_dir, column).to_pylist()))
+    vocab = CharVocab(tuple(sorted(chars)))
+    atomic_write_text(out_dir / "vocab.json", vocab.to_json())
+    return write_manifest(out_dir, {"vocab.json": {"rows": len(vocab)}}, schema_version=SCHEMA_VERSION,
+                          inputs_sha256=inputs_sha256, vocab_sha256=vocab.sha256, size=len(vocab))
+
+
+def load_vocab(out_dir: str | Path) -> CharVocab:
+    manifest = read_manifest(out_dir)
+    vocab = CharVocab.from_json((Path(out_dir) / "vocab.json").read_text("utf-8"))
+    if vocab.sha256 != manifest["vocab_sha256"]:
+        raise ValueError(f"{out_dir}/vocab.json: hash differs from its manifest; rebuild the vocabulary")
+    return vocab
