@@ -55,7 +55,10 @@ class KbIndex:
         return [int(k) for k in state.cands]
 
     def lookup(self, subject: str, predicate: str, disambiguation: str | None = None) -> list[str]:
-        """Objects for (subject, predicate[, disambiguation]); [] when the KB has none."""
+        """Objects for (subject, predicate[, disambiguation]); [] when the KB has none.
+
+        Without a disambiguation, the objects of every matching entity, in key (token) order.
+        """
         out: list[str] = []
         for k in self.key_ids(subject, predicate, disambiguation):
             out.extend(o for o in self.objects(k) if o not in out)
