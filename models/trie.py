@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -49,37 +49,105 @@ class TrieState:
     cands: np.ndarray | None = None
 
 
+def _distinct(tokens: np.ndarray) -> np.ndarray:
+    """Sorted distinct tokens as int64; a Python set beats np.unique on the usual few."""
+    if tokens.size <= 32:
+        return np.array(sorted(set(tokens.tolist())), dtype=np.int64)
+    return np.unique(tokens).astype(np.int64)
+
+
+def _compact(offsets: np.ndarray) -> np.ndarray:
+    """int32 offsets when they fit (halves the per-key cost), else int64."""
+    return offsets.astype(np.int32) if offsets[-1] < np.iinfo(np.int32).max else offsets
+
+
 # --------------------------------------------------------------------------- building
-def sort_sequences(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Sort token sequences lexicographically; return (order, rank of each input).
+class Utf8Table(NamedTuple):
+    """Strings as one UTF-8 buffer plus byte offsets (e.g. an Arrow string array's buffers)."""
 
-    Equal sequences share a rank (ranks are dense, 0..n_unique-1).
-    """
-    width = 4 if any(s.size and s.max() > 0xFFFF for s in seqs) else 2
-    dt = ">u4" if width == 4 else ">u2"
-    keys = [np.asarray(s).astype(dt).tobytes() for s in seqs]
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    rank = np.empty(len(keys), dtype=np.int64)
-    r = -1
-    prev = None
-    for i in order:
-        if keys[i] != prev:
-            r += 1
-            prev = keys[i]
-        rank[i] = r
-    return np.asarray(order, dtype=np.int64), rank
+    data: np.ndarray      # uint8
+    offsets: np.ndarray   # int64, n+1
 
 
-def pack_sequences(seqs: Sequence[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate sequences into a flat token array with int64 offsets (CSR)."""
-    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    flat = np.concatenate(seqs).astype(dtype) if seqs else np.zeros(0, dtype)
-    return flat, offsets
+def codepoints(strings: Sequence[str] | Utf8Table) -> tuple[np.ndarray, np.ndarray]:
+    """(code points uint32, per-string offsets int64) without a Python object per string."""
+    if isinstance(strings, Utf8Table):
+        data, boff = strings
+        lo, hi = int(boff[0]), int(boff[-1])
+        cps = np.frombuffer(bytes(data[lo:hi]).decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
+        starts = np.zeros(hi - lo + 1, dtype=np.int64)  # code points before each byte
+        np.cumsum((data[lo:hi] & 0xC0) != 0x80, out=starts[1:])
+        return cps, starts[np.asarray(boff) - lo]
+    strings = list(strings)
+    cps = np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)
+    offsets = np.zeros(len(strings) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, strings), dtype=np.int64, count=len(strings)), out=offsets[1:])
+    return cps, offsets
 
 
-def build_bfs_trie(tokens: np.ndarray, offsets: np.ndarray):
+def with_terminator(tokens: np.ndarray, offsets: np.ndarray, end: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Append ``end`` to every sequence of a CSR token table."""
+    n = len(offsets) - 1
+    lens = np.diff(offsets)
+    out = np.full(len(tokens) + n, end, dtype=dtype)
+    dest = np.arange(len(tokens), dtype=np.int64) + np.repeat(np.arange(n, dtype=np.int64), lens)
+    out[dest] = tokens
+    new_off = offsets + np.arange(n + 1, dtype=np.int64)
+    return out, new_off
+
+
+def common_prefix(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """lcp[i] = common prefix length of sequences i-1 and i (lcp[0] = 0), vectorised per depth."""
+    n = len(offsets) - 1
+    lens = np.diff(offsets)
+    starts = offsets[:-1]
+    lcp = np.zeros(n, dtype=np.int32)
+    active = np.arange(1, n)
+    d = 0
+    while active.size:
+        ok = (lens[active] > d) & (lens[active - 1] > d)
+        a = active[ok]
+        a = a[tokens[starts[a] + d] == tokens[starts[a - 1] + d]]
+        lcp[a] += 1
+        active, d = a, d + 1
+    return lcp
+
+
+def is_sorted_unique(tokens: np.ndarray, offsets: np.ndarray, lcp: np.ndarray) -> bool:
+    """True when the (terminated, prefix-free) sequences are strictly increasing."""
+    i = np.arange(1, len(offsets) - 1)
+    if i.size == 0:
+        return True
+    lens = np.diff(offsets)
+    if np.any((lcp[i] >= lens[i]) | (lcp[i] >= lens[i - 1])):
+        return False  # equal sequences (or one a prefix of the other)
+    return bool(np.all(tokens[offsets[i - 1] + lcp[i]] < tokens[offsets[i] + lcp[i]]))
+
+
+def sort_table(tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """General path: sort and dedupe sequences; returns (tokens, offsets, rank of each input)."""
+    n = len(offsets) - 1
+    lens = np.diff(offsets)
+    width = int(lens.max(initial=1))
+    padded = np.zeros((n, width), dtype=">u4")  # zero pads sort first: shorter-prefix-first order
+    row = np.repeat(np.arange(n), lens)
+    col = np.arange(len(tokens)) - np.repeat(offsets[:-1], lens)
+    padded[row, col] = tokens
+    keys = padded.view(f"S{4 * width}").ravel()
+    order = np.argsort(keys, kind="stable")
+    new = np.ones(n, dtype=bool)
+    new[1:] = keys[order][1:] != keys[order][:-1]
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.cumsum(new) - 1
+    keep = order[new]
+    seqs = [tokens[offsets[i]:offsets[i + 1]] for i in keep]
+    out_off = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(lens[keep], out=out_off[1:])
+    flat = np.concatenate(seqs) if seqs else tokens[:0]
+    return flat.astype(tokens.dtype), out_off, rank
+
+
+def build_bfs_trie(tokens: np.ndarray, offsets: np.ndarray, lcp: np.ndarray | None = None):
     """CSR trie in BFS order over sorted, prefix-free sequences.
 
     Returns (label, first_child, lo): node u's children are ids ``first_child[u]`` ..
@@ -89,15 +157,8 @@ def build_bfs_trie(tokens: np.ndarray, offsets: np.ndarray):
     n = len(offsets) - 1
     lens = np.diff(offsets)
     starts_at = offsets[:-1]
-    lcp = np.zeros(n, dtype=np.int32)  # common prefix length with the previous sequence
-    active = np.arange(1, n)
-    d = 0
-    while active.size:
-        ok = (lens[active] > d) & (lens[active - 1] > d)
-        a = active[ok]
-        a = a[tokens[starts_at[a] + d] == tokens[starts_at[a - 1] + d]]
-        lcp[a] += 1
-        active, d = a, d + 1
+    if lcp is None:
+        lcp = common_prefix(tokens, offsets)
     labels, los, parents = [np.zeros(1, tokens.dtype)], [np.zeros(1, np.int32)], [np.zeros(0, np.int64)]
     alive = np.arange(n)
     prev_starts, prev_base, next_base = None, 0, 1
@@ -144,42 +205,50 @@ class KgTrie:
             setattr(self, name, arrays[name])
         self.n_subjects = len(self.s_offsets) - 1
         self.n_keys = len(self.spm_m)
+        self.mmapped = False
 
     # ----- construction
     @classmethod
-    def build(cls, vocab: CharVocab, s_strings: Sequence[str], p_strings: Sequence[str],
-              m_strings: Sequence[str], s_idx: np.ndarray, p_idx: np.ndarray,
-              m_idx: np.ndarray) -> tuple["KgTrie", np.ndarray]:
+    def build(cls, vocab: CharVocab, s_strings: Sequence[str] | Utf8Table,
+              p_strings: Sequence[str] | Utf8Table, m_strings: Sequence[str] | Utf8Table,
+              s_idx: np.ndarray, p_idx: np.ndarray, m_idx: np.ndarray) -> tuple["KgTrie", np.ndarray]:
         """Build from distinct strings and, per triple, indices into them.
 
         Returns the trie and, for every input triple, its key id (several triples may share
-        a key: same subject, predicate and disambiguation, other objects).
+        a key: same subject, predicate and disambiguation, other objects). Tables that are
+        already sorted in token order (the ingest writes them so) skip the sort.
         """
         dtype = vocab.token_dtype
+        lcps = {}
 
-        def table(strings, end):
-            seqs = [np.append(vocab.encode_np(s), end).astype(np.int64) for s in strings]
-            order, rank = sort_sequences(seqs)
-            uniq = []
-            seen = -1
-            for i in order:  # one representative per distinct token sequence
-                if rank[i] != seen:
-                    uniq.append(seqs[i])
-                    seen = rank[i]
-            flat, offs = pack_sequences(uniq, dtype)
-            return flat, offs, rank
+        def table(name, strings, end):
+            cps, off = codepoints(strings)
+            tok, off = with_terminator(vocab.lookup(cps), off, end, dtype)
+            del cps
+            lcp = common_prefix(tok, off)
+            if is_sorted_unique(tok, off, lcp):
+                lcps[name] = lcp
+                return tok, off, None
+            tok, off, rank = sort_table(tok, off)
+            return tok, off, rank
 
-        s_tok, s_off, s_rank = table(s_strings, SEP)
-        p_tok, p_off, p_rank = table(p_strings, SEP)
-        m_tok, m_off, m_rank = table(m_strings, EOS)
-        s = s_rank[np.asarray(s_idx)]
-        p = p_rank[np.asarray(p_idx)]
-        m = m_rank[np.asarray(m_idx)]
+        s_tok, s_off, s_rank = table("s", s_strings, SEP)
+        p_tok, p_off, p_rank = table("p", p_strings, SEP)
+        m_tok, m_off, m_rank = table("m", m_strings, EOS)
+        s = np.asarray(s_idx, dtype=np.int64) if s_rank is None else s_rank[np.asarray(s_idx)]
+        p = np.asarray(p_idx, dtype=np.int64) if p_rank is None else p_rank[np.asarray(p_idx)]
+        m = np.asarray(m_idx, dtype=np.int64) if m_rank is None else m_rank[np.asarray(m_idx)]
         n_s, n_p, n_m = len(s_off) - 1, len(p_off) - 1, len(m_off) - 1
         bits_p, bits_m = max(1, int(n_p).bit_length()), max(1, int(n_m).bit_length())
         if int(n_s).bit_length() + bits_p + bits_m <= 63:
-            composite = (s << (bits_p + bits_m)) | (p << bits_m) | m
+            composite = s << (bits_p + bits_m)
+            del s
+            composite |= p << bits_m
+            del p
+            composite |= m
+            del m
             uniq, key_of = np.unique(composite, return_inverse=True)
+            del composite
             ks, kp, km = uniq >> (bits_p + bits_m), (uniq >> bits_m) & ((1 << bits_p) - 1), uniq & ((1 << bits_m) - 1)
         else:  # pragma: no cover - astronomically large KBs
             order = np.lexsort((m, p, s))
@@ -194,13 +263,14 @@ class KgTrie:
         new_entry[1:] = (ks[1:] != ks[:-1]) | (kp[1:] != kp[:-1])
         entry_of_key = np.cumsum(new_entry) - 1
         e_s, e_p = ks[new_entry], kp[new_entry]
-        label, first_child, lo = build_bfs_trie(s_tok, s_off)
+        label, first_child, lo = build_bfs_trie(s_tok, s_off, lcps.get("s"))
+        first_child = _compact(first_child)
         arrays = dict(
             s_label=label, s_first_child=first_child, s_lo=lo, s_tokens=s_tok, s_offsets=s_off,
             p_tokens=p_tok, p_offsets=p_off, m_tokens=m_tok, m_offsets=m_off,
-            sp_offsets=_csr_from_groups(e_s, n_s), sp_pred=e_p.astype(np.int32),
-            spm_offsets=_csr_from_groups(entry_of_key, len(e_s)), spm_m=km.astype(np.int32))
-        return cls(arrays), key_of.astype(np.int64)
+            sp_offsets=_compact(_csr_from_groups(e_s, n_s)), sp_pred=e_p.astype(np.int32),
+            spm_offsets=_compact(_csr_from_groups(entry_of_key, len(e_s))), spm_m=km.astype(np.int32))
+        return cls(arrays), key_of.astype(np.int32 if len(uniq) < 2**31 else np.int64)
 
     @classmethod
     def from_triples(cls, triples: Iterable[tuple[str, str, str]], vocab: CharVocab) -> "KgTrie":
@@ -228,8 +298,13 @@ class KgTrie:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory}: trie format {meta.get('format_version')} != "
                              f"{FORMAT_VERSION}; rebuild it with the build-trie step")
-        return cls({n: np.load(directory / f"{n}.npy", mmap_mode="r" if mmap else None)
-                    for n in ARRAYS})
+        arrays = {}
+        for n in ARRAYS:
+            a = np.load(directory / f"{n}.npy", mmap_mode="r" if mmap else None)
+            arrays[n] = a.view(np.ndarray)  # still file-backed; avoids np.memmap's per-slice cost
+        trie = cls(arrays)
+        trie.mmapped = mmap
+        return trie
 
     def meta(self) -> dict:
         return {"format_version": FORMAT_VERSION, "keys": int(self.n_keys),
@@ -251,12 +326,16 @@ class KgTrie:
             a, b = self._children(state.node)
             return np.asarray(self.s_label[a:b], dtype=np.int64)
         if state.phase == _PHASE_P:
-            preds = self.sp_pred[state.cands]
-            return np.unique(self.p_tokens[self.p_offsets[preds] + state.depth]).astype(np.int64)
+            return _distinct(self._next_tokens(state))
         if state.phase == _PHASE_M:
-            ms = self.spm_m[state.cands]
-            return np.unique(self.m_tokens[self.m_offsets[ms] + state.depth]).astype(np.int64)
+            return _distinct(self._next_tokens(state))
         return np.zeros(0, dtype=np.int64)
+
+    def _next_tokens(self, state: TrieState) -> np.ndarray:
+        """Token at ``state.depth`` of each candidate predicate (P) or disambiguation (M)."""
+        if state.phase == _PHASE_P:
+            return self.p_tokens[self.p_offsets[self.sp_pred[state.cands]] + state.depth]
+        return self.m_tokens[self.m_offsets[self.spm_m[state.cands]] + state.depth]
 
     def advance(self, state: TrieState, token: int) -> TrieState:
         """The state after ``token``; raises :class:`ImpossibleState` if no key allows it."""
@@ -274,8 +353,7 @@ class KgTrie:
             cands = np.arange(self.sp_offsets[s], self.sp_offsets[s + 1], dtype=np.int64)
             return TrieState(_PHASE_P, s, 0, cands)
         if state.phase == _PHASE_P:
-            preds = self.sp_pred[state.cands]
-            keep = state.cands[self.p_tokens[self.p_offsets[preds] + state.depth] == token]
+            keep = state.cands[self._next_tokens(state) == token]
             if keep.size == 0:
                 raise ImpossibleState(f"token {token} not allowed in the predicate at depth {state.depth}")
             if token != SEP:
@@ -284,8 +362,7 @@ class KgTrie:
             keys = np.arange(self.spm_offsets[e], self.spm_offsets[e + 1], dtype=np.int64)
             return TrieState(_PHASE_M, e, 0, keys)
         if state.phase == _PHASE_M:
-            ms = self.spm_m[state.cands]
-            keep = state.cands[self.m_tokens[self.m_offsets[ms] + state.depth] == token]
+            keep = state.cands[self._next_tokens(state) == token]
             if keep.size == 0:
                 raise ImpossibleState(f"token {token} not allowed in the disambiguation at depth {state.depth}")
             if token != EOS:

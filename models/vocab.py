@@ -57,6 +57,10 @@ class CharVocab:
         cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         return self._lut[cps]
 
+    def lookup(self, codepoints: np.ndarray) -> np.ndarray:
+        """Token ids (int32) of an array of code points."""
+        return self._lut[codepoints]
+
     def decode(self, ids: Sequence[int], stop_at_eos: bool = True) -> str:
         out = []
         for i in ids:

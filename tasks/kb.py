@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from models.trie import Utf8Table
 from tasks.kgclue_data import Bad, normalize_object, split_subject
 from tasks.storage import atomic_path, read_manifest, sha256_file, write_manifest
 
@@ -222,6 +223,15 @@ def ingest_kb(kb_path: str | Path, out_dir: str | Path, chunk_bytes: int = 64 <<
     return write_manifest(out_dir, files, schema_version=SCHEMA_VERSION, source=str(kb_path),
                           source_sha256=src_sha, lines=lines_in, triples=rows_out, quarantined=len(bad),
                           distinct=counts, fast_chunks=fast_chunks, slow_chunks=slow_chunks)
+
+
+def utf8_table(arr: pa.Array) -> Utf8Table:
+    """Zero-copy numpy views of an Arrow string array's UTF-8 buffer and offsets."""
+    arr = arr.cast(pa.large_string())
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return Utf8Table(data, offsets)
 
 
 def read_distinct(kb_dir: str | Path, column: str) -> pa.Array:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from models.kb_index import KbIndex
 from models.trie import KgTrie
 from models.vocab import CharVocab
-from tasks.kb import read_distinct
+from tasks.kb import read_distinct, utf8_table
 from tasks.storage import atomic_path, atomic_write_text, read_manifest, write_manifest
 from tasks.vocab import load_vocab
 
@@ -49,17 +49,35 @@ def _ids(kb_file: Path, n_rows: int, values: dict[str, pa.Array]) -> dict[str, n
     return out
 
 
-def _objects_by_key(kb_file: Path, key_of: np.ndarray, n_keys: int) -> dict[str, np.ndarray]:
-    """Objects in key order (stable: KB file order within a key) as a blob + offsets + CSR."""
+def _write_objects_by_key(kb_file: Path, key_of: np.ndarray, n_keys: int, out_dir: Path,
+                          chunk: int = 1 << 21) -> dict[str, int]:
+    """Objects in key order (stable: KB file order within a key): blob + offsets + key CSR.
+
+    The blob is filled chunk by chunk into a memory-mapped .npy, so only the source column
+    and one chunk are in memory at a time.
+    """
     order = np.argsort(key_of, kind="stable")
-    objs = pq.read_table(kb_file, columns=["object"])["object"]
-    objs = objs.cast(pa.large_string()).combine_chunks().take(pa.array(order))
-    del order
-    offsets = np.frombuffer(objs.buffers()[1], dtype=np.int64)[:len(objs) + 1]
-    data = np.frombuffer(objs.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    objs = utf8_table(pq.read_table(kb_file, columns=["object"])["object"].combine_chunks())
+    lens = np.diff(objs.offsets)[order]
+    offsets = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    del lens
+    with atomic_path(out_dir / "obj_data.npy") as tmp:
+        blob = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(int(offsets[-1]),))
+        src_start = objs.offsets[:-1]
+        for a in range(0, len(order), chunk):
+            rows = order[a:a + chunk]
+            starts, ends = src_start[rows], objs.offsets[rows + 1]
+            span = np.repeat(starts - offsets[a:a + len(rows)], ends - starts)  # source - dest shift
+            dest = np.arange(offsets[a], offsets[a + len(rows)], dtype=np.int64)
+            blob[dest] = objs.data[dest + span]
+        blob.flush()
+        del blob
+    save_array(out_dir / "obj_offsets.npy", offsets)
     key_obj = np.zeros(n_keys + 1, dtype=np.int64)
     np.cumsum(np.bincount(key_of, minlength=n_keys), out=key_obj[1:])
-    return {"obj_data": data, "obj_offsets": offsets - offsets[0], "key_obj": key_obj}
+    save_array(out_dir / "key_obj.npy", key_obj)
+    return {"obj_data": int(offsets[-1]), "obj_offsets": len(offsets), "key_obj": len(key_obj)}
 
 
 def build_trie_index(kb_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path,
@@ -81,18 +99,19 @@ def build_trie_index(kb_dir: str | Path, vocab_dir: str | Path, out_dir: str | P
     n_rows = kb_manifest["files"]["kb.parquet"]["rows"]
     ids = _ids(kb_dir / "kb.parquet", n_rows, values)
     log(f"build-trie: {n_rows:,} triples mapped to ids")
-    strings = {c: v.to_pylist() for c, v in values.items()}
-    del values
-    trie, key_of = KgTrie.build(vocab, strings["subject"], strings["predicate"], strings["disambiguation"],
+    tables = {c: utf8_table(v) for c, v in values.items()}
+    trie, key_of = KgTrie.build(vocab, tables["subject"], tables["predicate"], tables["disambiguation"],
                                 ids["subject"], ids["predicate"], ids["disambiguation"])
-    del ids, strings
+    del ids, tables, values
     log(f"build-trie: {trie.n_keys:,} keys, {len(trie.s_label):,} subject nodes")
-    arrays = {**trie.arrays(), **_objects_by_key(kb_dir / "kb.parquet", key_of, trie.n_keys)}
-    entities = trie.entity_count()
     files: dict[str, dict[str, Any]] = {}
-    for name, arr in arrays.items():
+    for name, arr in trie.arrays().items():
         save_array(out_dir / f"{name}.npy", arr)
         files[f"{name}.npy"] = {"rows": int(len(arr)), "dtype": str(arr.dtype)}
+    for name, rows in _write_objects_by_key(kb_dir / "kb.parquet", key_of, trie.n_keys, out_dir).items():
+        files[f"{name}.npy"] = {"rows": rows}
+    del key_of
+    entities = trie.entity_count()
     meta = {**trie.meta(), "entities": entities, "triples": int(n_rows)}
     atomic_write_text(out_dir / "trie.json", json.dumps(meta, indent=2))
     files["trie.json"] = {}

@@ -4,8 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
+from models.trie import codepoints
 from models.vocab import CharVocab
-from tasks.kb import read_distinct
+from tasks.kb import read_distinct, utf8_table
 from tasks.storage import atomic_write_text, read_manifest, write_manifest
 
 SCHEMA_VERSION = 1
@@ -29,7 +32,8 @@ def build_vocab(questions: Iterable[str], kb_dir: str | Path, out_dir: str | Pat
     for q in questions:
         chars.update(q)
     for column in ("subject", "predicate", "disambiguation"):
-        chars.update("".join(read_distinct(kb_dir, column).to_pylist()))
+        cps, _ = codepoints(utf8_table(read_distinct(kb_dir, column)))
+        chars.update(map(chr, np.unique(cps).tolist()))
     vocab = CharVocab(tuple(sorted(chars)))
     atomic_write_text(out_dir / "vocab.json", vocab.to_json())
     return write_manifest(out_dir, {"vocab.json": {"rows": len(vocab)}}, schema_version=SCHEMA_VERSION,

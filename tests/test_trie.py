@@ -140,7 +140,7 @@ def test_build_save_mmap_load_and_lookup(tmp_path):
     m = build_trie_index(tmp_path / "kb", tmp_path / "vocab", tmp_path / "trie", log=lambda *_: None)
     assert m["keys"] == 5 and m["entities"] == 5 and m["triples"] == 6
     trie, index = load_trie_index(tmp_path / "trie", vocab)
-    assert isinstance(trie.s_label, np.memmap)
+    assert trie.mmapped and isinstance(np.load(tmp_path / "trie" / "s_label.npy", mmap_mode="r"), np.memmap)
     assert index.lookup("张三", "性别", "演员") == ["男"]
     assert index.lookup("张三", "性别", "歌手") == ["女"]
     assert index.lookup("张三", "性别") == ["女", "男"], "no disambiguation: all of them, in key order"
