@@ -1,0 +1,291 @@
+"""Trie-constrained batched beam search with the lookahead re-weighting (ALGORITHMS.md §3).
+
+B questions × K beams are flattened to N = B*K rows; every time step makes one ``step_fn`` call
+for all rows. Each row carries its :class:`~models.trie.KgTrie` state; the model's log-probs are
+restricted to ``trie.allowed(state)`` (one ``index_put`` per step) and renormalised over that
+set. A beam that reaches a terminal state (after EOS) is kept with its score and competes with
+the live beams; a question stops once its K rows are all terminal, the search at ``max_len``.
+
+``step_fn(tokens, state) -> (logprobs, state)``: ``tokens`` (N, t) long are every row's tokens
+so far (BOS first); ``logprobs`` (N, V); ``state`` (e.g. a KV cache, or None) is reordered by
+the search with ``state.index_select(rows)``, rows always in blocks of K per question.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from models.trie import KgTrie
+from models.vocab import BOS, EOS, PAD, SEP
+
+StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+_LIVE, _DONE, _DEAD = 0, 1, 2
+
+
+class DecodingError(RuntimeError):
+    """The trie and the search disagree (e.g. an empty allowed set on a live beam)."""
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A finished beam: trie key id, summed constrained log-prob, key tokens (no BOS, ends in EOS)."""
+
+    key_id: int
+    score: float
+    tokens: np.ndarray
+
+
+# --------------------------------------------------------------------------- lookahead
+def lcs_rows(seqs: np.ndarray, question: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+    """LCS DP rows: out[c, i] = LCS(start-prefix + seqs[c], question[:i]); pad seqs with -1.
+
+    One numpy step per column of ``seqs`` (C, L), vectorised over rows and over the question:
+    new[i] = max(old[i], old[i-1] + match[i], new[i-1]) is a cumulative max.
+    """
+    C, m = seqs.shape[0], len(question)
+    R = np.zeros((C, m + 1), dtype=np.int32) if start is None else np.tile(start.astype(np.int32), (C, 1))
+    q = np.asarray(question, dtype=np.int64)[None, :]  # (1, m)
+    for j in range(seqs.shape[1]):
+        match = seqs[:, j:j + 1] == q  # (C, m)
+        t = np.maximum(R[:, 1:], R[:, :-1] + match)
+        np.maximum.accumulate(t, axis=1, out=R[:, 1:])
+    return R
+
+
+def lcs_prefix_row(prefix: Sequence[int], question: Sequence[int]) -> np.ndarray:
+    """row[i] = LCS(prefix, question[:i]) for i = 0..m, bit-parallel over the question."""
+    m = len(question)
+    match: dict[int, int] = {}
+    for i, x in enumerate(question):
+        match[int(x)] = match.get(int(x), 0) | (1 << i)
+    full = v = (1 << m) - 1
+    for x in prefix:
+        u = v & match.get(int(x), 0)
+        v = ((v + u) | (v - u)) & full
+    bits = np.unpackbits(np.frombuffer(v.to_bytes((m + 7) // 8 or 1, "little"), np.uint8),
+                         bitorder="little")[:m]
+    return np.concatenate([[0], np.cumsum(1 - bits.astype(np.int32))]).astype(np.int32)
+
+
+def completion_matrix(trie: KgTrie, state: Any, max_completions: int) -> tuple[np.ndarray, bool]:
+    """Remaining tokens of the keys below ``state`` as a (C, L) matrix padded with -1.
+
+    The flag says whether the list is complete (fewer than ``max_completions`` keys).
+    """
+    comps = trie.completions(state, limit=max_completions)
+    if not comps:
+        return np.zeros((0, 0), dtype=np.int64), True
+    lens = np.fromiter((len(c) for c in comps), dtype=np.int64, count=len(comps))
+    flat = np.concatenate(comps).astype(np.int64)
+    mat = np.full((len(comps), int(lens.max())), -1, dtype=np.int64)  # (C, L)
+    starts = np.repeat(np.cumsum(lens) - lens, lens)
+    mat[np.repeat(np.arange(len(comps)), lens), np.arange(len(flat)) - starts] = flat
+    return mat, len(comps) < max_completions
+
+
+def weights_from_completions(mat: np.ndarray, prefix: Sequence[int], question: np.ndarray,
+                             allowed: np.ndarray) -> np.ndarray:
+    """Per allowed token (sorted): max(1, max over completions c starting with it of gain(c)+1)."""
+    weights = np.ones(len(allowed), dtype=np.float64)
+    if mat.shape[0] == 0 or mat.shape[1] == 0 or len(question) == 0:
+        return weights
+    row0 = lcs_prefix_row(prefix, question)  # (m+1,)
+    body = np.where(mat == EOS, -1, mat)  # the end token takes no part in the LCS
+    gain = lcs_rows(body, question, start=row0)[:, -1] - row0[-1]  # (C,)
+    first = mat[:, 0]
+    pos = np.searchsorted(allowed, first)
+    ok = (pos < len(allowed)) & (allowed[np.minimum(pos, len(allowed) - 1)] == first)
+    np.maximum.at(weights, pos[ok], gain[ok] + 1.0)
+    return weights
+
+
+def lookahead_weights(trie: KgTrie, state: Any, prefix: Sequence[int], question: np.ndarray,
+                      allowed: np.ndarray, max_completions: int = 2000) -> np.ndarray:
+    """bojone's AutoQA.predict weights for ``allowed`` (sorted): max over completions of gain+1.
+
+    gain(c) = LCS(prefix + c, question) − LCS(prefix, question) over token ids; the trailing
+    EOS of c is left out (bojone's keys have no end token). Only the first ``max_completions``
+    completions are examined; tokens none of them starts with keep weight 1.
+    """
+    mat, _ = completion_matrix(trie, state, max_completions)
+    return weights_from_completions(mat, prefix, np.asarray(question, dtype=np.int64), allowed)
+
+
+# --------------------------------------------------------------------------- beam search
+def _constrained_logprobs(logprobs: torch.Tensor, live: np.ndarray, allowed: list[np.ndarray],
+                          weights: list[np.ndarray] | None, done: np.ndarray) -> torch.Tensor:
+    """(N, V): log-probs (÷ weights) renormalised over each live row's allowed set, else -inf.
+
+    A finished row gets 0 at PAD (it continues at no cost); one index_put for the whole step.
+    """
+    N, V = logprobs.shape
+    cand = torch.full((N, V), float("-inf"))
+    if len(live):
+        sizes = np.fromiter((a.size for a in allowed), dtype=np.int64, count=len(allowed))
+        seg = torch.from_numpy(np.repeat(np.arange(len(live)), sizes))  # live-row index per entry
+        r = torch.from_numpy(live)[seg]
+        c = torch.from_numpy(np.concatenate(allowed))
+        v = logprobs[r, c].float()
+        if weights is not None:
+            v = v / torch.from_numpy(np.concatenate(weights)).float()  # p ** (1/weight)
+        mx = torch.full((len(live),), float("-inf")).scatter_reduce(0, seg, v, "amax")
+        z = torch.zeros(len(live)).index_add_(0, seg, (v - mx[seg]).exp())
+        cand.index_put_((r, c), v - (mx + z.log())[seg])  # renormalised over the allowed set
+    cand[torch.from_numpy(done), PAD] = 0.0
+    return cand
+
+
+def beam_search(step_fn: StepFn, trie: KgTrie, n_questions: int, beam_size: int, max_len: int,
+                state: Any = None, *, lookahead: bool = False,
+                question_ids: Sequence[np.ndarray] | None = None, max_completions: int = 2000,
+                n_best: int | None = None) -> list[list[Hypothesis]]:
+    """Per question, its finished hypotheses, best first (at most ``n_best``, default K)."""
+    if lookahead and (question_ids is None or len(question_ids) != n_questions):
+        raise ValueError("lookahead needs question_ids: one token-id array per question")
+    K, n_best = beam_size, beam_size if n_best is None else n_best
+    qid = np.arange(n_questions)  # global question index of each active question
+    N = n_questions * K
+    states: list[Any] = [trie.start()] * N
+    comps: list[np.ndarray | None] = [None] * N  # complete completion matrices, carried along
+    status = np.zeros(N, dtype=np.int8)
+    sep_seen = np.zeros(N, dtype=bool)
+    tokens = np.full((N, 1), BOS, dtype=np.int64)
+    scores = torch.zeros(n_questions, K)
+    scores[:, 1:] = float("-inf")  # all beams start equal: keep one copy
+    scores = scores.view(-1)
+    results: list[list[Hypothesis]] = [[] for _ in range(n_questions)]
+    questions = None if question_ids is None else [np.asarray(q, dtype=np.int64) for q in question_ids]
+
+    def harvest(rows: np.ndarray, q: int) -> None:
+        done = [r for r in rows if status[r] == _DONE]
+        done.sort(key=lambda r: -float(scores[r]))
+        for r in done[:n_best]:
+            toks = tokens[r, 1:]
+            end = int(np.flatnonzero(toks == EOS)[0]) + 1
+            results[q].append(Hypothesis(trie.key_id(states[r]), float(scores[r]), toks[:end].copy()))
+
+    for _ in range(max_len):
+        N = len(states)
+        B = N // K
+        logprobs, state = step_fn(torch.from_numpy(tokens), state)
+        logprobs = logprobs.float().cpu()  # (N, V); the search itself runs on the CPU
+        V = logprobs.size(1)
+        live = np.flatnonzero(status == _LIVE)
+        allowed = [trie.allowed(states[i]) for i in live]
+        for i, a in zip(live, allowed):
+            if a.size == 0:
+                raise DecodingError(f"empty allowed set on a live beam (question {qid[i // K]}, "
+                                    f"tokens {tokens[i].tolist()}): the trie state is corrupt")
+        weights = None
+        if lookahead:
+            weights = []
+            for i, a in zip(live, allowed):
+                if not (sep_seen[i] and a.size > 1):
+                    weights.append(np.ones(a.size))
+                    continue
+                mat = comps[i]
+                if mat is None:
+                    mat, complete = completion_matrix(trie, states[i], max_completions)
+                    comps[i] = mat if complete else None
+                weights.append(weights_from_completions(mat, tokens[i, 1:], questions[qid[i // K]], a))
+        cand = _constrained_logprobs(logprobs, live, allowed, weights, np.flatnonzero(status == _DONE))
+        top_v, top_i = (scores[:, None] + cand).view(B, K * V).topk(K, dim=1)  # (B, K)
+        parent = (top_i // V + torch.arange(B)[:, None] * K).view(-1).numpy()
+        new_tok = (top_i % V).view(-1).numpy().copy()
+        finite = torch.isfinite(top_v).view(-1).tolist()
+        new_states: list[Any] = [None] * N
+        new_comps: list[np.ndarray | None] = [None] * N
+        new_status = np.full(N, _DEAD, dtype=np.int8)
+        old_status = status.tolist()
+        for j, (p, t) in enumerate(zip(parent.tolist(), new_tok.tolist())):
+            if not finite[j]:
+                new_tok[j] = PAD
+            elif old_status[p] == _DONE:
+                new_states[j], new_status[j] = states[p], _DONE
+            else:
+                new_states[j] = s = trie.advance(states[p], t)
+                if trie.is_terminal(s):
+                    new_status[j] = _DONE
+                else:
+                    new_status[j] = _LIVE
+                    mat = comps[p]
+                    if mat is not None:  # the child's completions: rows starting with t, shifted
+                        new_comps[j] = mat[mat[:, 0] == t, 1:]
+        sep_seen = sep_seen[parent] | (new_tok == SEP)
+        states, comps, status, scores = new_states, new_comps, new_status, top_v.reshape(-1)
+        tokens = np.concatenate([tokens[parent], new_tok[:, None]], axis=1)
+        finished = (status != _LIVE).reshape(B, K).all(axis=1)  # (B,)
+        for b in np.flatnonzero(finished):
+            harvest(np.arange(b * K, (b + 1) * K), int(qid[b]))
+        if finished.all():
+            return results
+        keep = np.flatnonzero(np.repeat(~finished, K))
+        if finished.any():  # drop finished questions from every per-row structure
+            states, comps = [states[j] for j in keep], [comps[j] for j in keep]
+            status, sep_seen, tokens = status[keep], sep_seen[keep], tokens[keep]
+            scores = scores[torch.from_numpy(keep)]
+            qid = qid[~finished]
+        if state is not None:
+            state = state.index_select(torch.from_numpy(parent[keep]))
+    for b, q in enumerate(qid):  # max_len reached: keep what has finished
+        harvest(np.arange(b * K, (b + 1) * K), int(q))
+    return results
+
+
+# --------------------------------------------------------------------------- model glue
+def model_step_fn(model: torch.nn.Module, src_ids: torch.Tensor, src_mask: torch.Tensor) -> StepFn:
+    """A step function running ``model.decode_step`` on the last token, memory encoded once."""
+    memory = model.encode(src_ids, src_mask)  # (B, S, C)
+
+    def step(tokens: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        return model.decode_step(memory, src_mask, tokens[:, -1].to(memory.device), cache)
+
+    return step
+
+
+def question_ids_of(src_ids: torch.Tensor, src_mask: torch.Tensor) -> list[np.ndarray]:
+    """The unpadded source ids of each question (the lookahead's LCS reference)."""
+    return [row[m].numpy().astype(np.int64) for row, m in zip(src_ids.cpu(), src_mask.cpu())]
+
+
+@torch.inference_mode()
+def constrained_beam_search(model: torch.nn.Module, trie: KgTrie, src_ids: torch.Tensor,
+                            src_mask: torch.Tensor, beam_size: int = 4, max_len: int | None = None,
+                            lookahead: bool = False, max_completions: int = 2000,
+                            n_best: int | None = None) -> list[list[Hypothesis]]:
+    """Trie-constrained beam search of a :class:`~models.seq2seq.Seq2Seq` over a batch."""
+    model.eval()
+    max_len = model.cfg.max_len if max_len is None else min(max_len, model.cfg.max_len)
+    step = model_step_fn(model, src_ids, src_mask)
+    return beam_search(step, trie, src_ids.size(0), beam_size, max_len, lookahead=lookahead,
+                       question_ids=question_ids_of(src_ids, src_mask) if lookahead else None,
+                       max_completions=max_completions, n_best=n_best)
+
+
+@torch.inference_mode()
+def greedy_unconstrained(model: torch.nn.Module, src_ids: torch.Tensor, src_mask: torch.Tensor,
+                         max_len: int | None = None) -> list[np.ndarray]:
+    """Plain argmax decoding without the trie: per question its tokens (no BOS, EOS kept)."""
+    model.eval()
+    max_len = model.cfg.max_len if max_len is None else min(max_len, model.cfg.max_len)
+    B = src_ids.size(0)
+    memory = model.encode(src_ids, src_mask)
+    last = torch.full((B,), BOS, dtype=torch.long, device=src_ids.device)
+    out, cache = [], None
+    ended = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
+    for _ in range(max_len):
+        logprobs, cache = model.decode_step(memory, src_mask, last, cache)
+        last = logprobs.argmax(dim=-1).masked_fill(ended, PAD)
+        out.append(last)
+        ended |= last == EOS
+        if ended.all():
+            break
+    seqs = torch.stack(out, dim=1).cpu().numpy()  # (B, T)
+    res = []
+    for row in seqs:
+        end = np.flatnonzero(row == EOS)
+        res.append(row[:end[0] + 1] if end.size else row[row != PAD])
+    return res
