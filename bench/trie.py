@@ -60,13 +60,18 @@ def measure_ours(kb: str, work: str, latency_keys: str = "2000") -> dict:
     for d in ("kb", "vocab", "trie"):
         (w / d / "manifest.json").unlink(missing_ok=True)  # measure a cold build
     t0 = time.perf_counter()
+    peaks = {"imports": _peak_rss()}
     m_kb = ingest_kb(kb, w / "kb", progress=lambda n, r, b: log(f"ingest: {n:,} lines") if n % 5_000_000 < 1_300_000 else None)
     t1 = time.perf_counter()
+    peaks["ingest"] = _peak_rss()
     build_vocab([], w / "kb", w / "vocab", m_kb["source_sha256"])
     t2 = time.perf_counter()
-    m_trie = build_trie_index(w / "kb", w / "vocab", w / "trie", log=log)
+    peaks["vocab"] = _peak_rss()
+    m_trie = build_trie_index(w / "kb", w / "vocab", w / "trie",
+                              log=lambda m: (log(m), peaks.__setitem__(m.split(":")[1].strip()[:40], _peak_rss())))
     t3 = time.perf_counter()
     peak = _peak_rss()
+    peaks["trie_index"] = peak
     vocab = load_vocab(w / "vocab")
     trie, index = load_trie_index(w / "trie", vocab)
     rng = np.random.default_rng(0)
@@ -91,7 +96,8 @@ def measure_ours(kb: str, work: str, latency_keys: str = "2000") -> dict:
             "bytes_per_key": round(trie_bytes / m_trie["keys"], 2), "index_bytes": index_bytes,
             "fast_chunks": m_kb["fast_chunks"], "slow_chunks": m_kb["slow_chunks"],
             "allowed_step_p50_us": round(float(np.percentile(lat_us, 50)), 2),
-            "allowed_step_p99_us": round(float(np.percentile(lat_us, 99)), 2), "latency_steps": steps}
+            "allowed_step_p99_us": round(float(np.percentile(lat_us, 99)), 2), "latency_steps": steps,
+            "peak_rss_gib_after": {k: round(v / 2**30, 3) for k, v in peaks.items()}}
 
 
 def _baseline_keys(kb: str, n: int, work: str) -> list[list[int]]:

@@ -50,7 +50,7 @@ def _ids(kb_file: Path, n_rows: int, values: dict[str, pa.Array]) -> dict[str, n
 
 
 def _write_objects_by_key(kb_file: Path, key_of: np.ndarray, n_keys: int, out_dir: Path,
-                          chunk: int = 1 << 21) -> dict[str, int]:
+                          chunk: int = 1 << 17) -> dict[str, int]:
     """Objects in key order (stable: KB file order within a key): blob + offsets + key CSR.
 
     The blob is filled chunk by chunk into a memory-mapped .npy, so only the source column
@@ -108,8 +108,10 @@ def build_trie_index(kb_dir: str | Path, vocab_dir: str | Path, out_dir: str | P
     for name, arr in trie.arrays().items():
         save_array(out_dir / f"{name}.npy", arr)
         files[f"{name}.npy"] = {"rows": int(len(arr)), "dtype": str(arr.dtype)}
+    log(f"build-trie: trie arrays saved ({trie.nbytes() / 2**20:,.0f} MiB)")
     for name, rows in _write_objects_by_key(kb_dir / "kb.parquet", key_of, trie.n_keys, out_dir).items():
         files[f"{name}.npy"] = {"rows": rows}
+    log("build-trie: object index saved")
     del key_of
     entities = trie.entity_count()
     meta = {**trie.meta(), "entities": entities, "triples": int(n_rows)}
