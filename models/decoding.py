@@ -241,7 +241,7 @@ def model_step_fn(model: torch.nn.Module, src_ids: torch.Tensor, src_mask: torch
     memory = model.encode(src_ids, src_mask)  # (B, S, C)
 
     def step(tokens: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        return model.decode_step(memory, src_mask, tokens[:, -1].to(memory.device), cache)
+        return model.decode_step(memory, src_mask, tokens[:, -1].to(memory.device), cache, src_ids=src_ids)
 
     return step
 
@@ -277,7 +277,7 @@ def greedy_unconstrained(model: torch.nn.Module, src_ids: torch.Tensor, src_mask
     out, cache = [], None
     ended = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
     for _ in range(max_len):
-        logprobs, cache = model.decode_step(memory, src_mask, last, cache)
+        logprobs, cache = model.decode_step(memory, src_mask, last, cache, src_ids=src_ids)
         last = logprobs.argmax(dim=-1).masked_fill(ended, PAD)
         out.append(last)
         ended |= last == EOS

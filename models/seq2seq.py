@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from models.attention import KVCache, Rotary, make_attention
 from models.vocab import PAD
 
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(d_model=128, n_head=4, n_layer_enc=2, n_layer_dec=2, d_ff=512),
-    "base": dict(d_model=384, n_head=6, n_layer_enc=4, n_layer_dec=4, d_ff=1536),
-    "gpu": dict(d_model=768, n_head=12, n_layer_enc=6, n_layer_dec=6, d_ff=3072),
+PRESETS: dict[str, dict[str, int | bool]] = {
+    "tiny": dict(d_model=128, n_head=4, n_layer_enc=2, n_layer_dec=2, d_ff=512, copy_head=True),
+    "base": dict(d_model=384, n_head=6, n_layer_enc=4, n_layer_dec=4, d_ff=1536, copy_head=True),
+    "gpu": dict(d_model=768, n_head=12, n_layer_enc=6, n_layer_dec=6, d_ff=3072, copy_head=True),
 }
 
 
@@ -37,6 +37,7 @@ class Seq2SeqConfig:
     max_len: int = 128
     attention: str = "softmax"
     tie_embeddings: bool = True
+    copy_head: bool = False  # pointer-generator: mix the vocabulary softmax with copying source tokens
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
@@ -112,6 +113,8 @@ class DecoderCache:
         self.cross_kv = [KVCache() for _ in range(n_layer)]
         self.mem_mask: torch.Tensor | None = None  # (G, S)
         self.group = 1  # K: beam rows per memory row
+        self.copy_keys: torch.Tensor | None = None  # (G, S, C) copy-head keys of the memory
+        self.src_ids: torch.Tensor | None = None  # (G, S) source tokens the copy head scatters to
 
     @property
     def length(self) -> int:
@@ -132,9 +135,13 @@ class DecoderCache:
             torch.equal(groups, torch.arange(groups.numel(), device=idx.device))
         if same or self.mem_mask is None:
             out.cross_kv, out.mem_mask = self.cross_kv, self.mem_mask
+            out.copy_keys, out.src_ids = self.copy_keys, self.src_ids
         else:  # questions were dropped: keep only their cross-attention K/V and mask
             out.cross_kv = [c.index_select(groups) for c in self.cross_kv]
             out.mem_mask = self.mem_mask.index_select(0, groups)
+            if self.copy_keys is not None:
+                out.copy_keys = self.copy_keys.index_select(0, groups)
+                out.src_ids = self.src_ids.index_select(0, groups)
         return out
 
 
@@ -152,6 +159,10 @@ class Seq2Seq(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(cfg, rope) for _ in range(cfg.n_layer_dec))
         self.ln_enc, self.ln_dec = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.copy_head:
+            self.copy_q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            self.copy_k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            self.copy_gate = nn.Linear(cfg.d_model, 1)
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -171,15 +182,34 @@ class Seq2Seq(nn.Module):
             x = block(x, src_mask)
         return self.ln_enc(x)
 
-    def decode(self, memory: torch.Tensor, src_mask: torch.Tensor, tgt_in_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced decoder: tgt_in_ids (B, T) -> logits (B, T, V)."""
+    def decode(self, memory: torch.Tensor, src_mask: torch.Tensor, tgt_in_ids: torch.Tensor,
+               src_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced decoder: tgt_in_ids (B, T) -> logits (B, T, V).
+
+        With the copy head these are normalised log-probs (a mixture), so log_softmax and
+        cross_entropy treat them the same as logits; the copy head needs ``src_ids``.
+        """
         x = self.drop(self.tok_emb(tgt_in_ids))  # (B, T, C)
         for block in self.decoder:
             x = block(x, memory, src_mask)
-        return self.lm_head(self.ln_dec(x))  # (B, T, V)
+        h = self.ln_dec(x)
+        if not self.cfg.copy_head:
+            return self.lm_head(h)  # (B, T, V)
+        if src_ids is None:
+            raise ValueError("the copy head needs src_ids")
+        return self._mix(h, self.copy_k(memory), src_ids, src_mask)
+
+    def _mix(self, h: torch.Tensor, keys: torch.Tensor, src_ids: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """log(g·softmax(lm_head(h)) + (1-g)·copy): h (G, T, C), keys (G, S, C) -> (G, T, V)."""
+        gen = F.log_softmax(self.lm_head(h).float(), dim=-1)  # (G, T, V)
+        scores = self.copy_q(h) @ keys.transpose(1, 2) / keys.size(-1) ** 0.5  # (G, T, S)
+        attn = scores.float().masked_fill(~src_mask[:, None, :], float("-inf")).softmax(-1)
+        copy = torch.zeros_like(gen).scatter_add_(2, src_ids[:, None, :].expand(-1, h.size(1), -1), attn)
+        gate = self.copy_gate(h).float()  # (G, T, 1): log-odds of generating
+        return torch.logaddexp(F.logsigmoid(gate) + gen, F.logsigmoid(-gate) + copy.clamp_min(1e-12).log())
 
     def forward(self, src_ids: torch.Tensor, src_mask: torch.Tensor, tgt_in_ids: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(src_ids, src_mask), src_mask, tgt_in_ids)
+        return self.decode(self.encode(src_ids, src_mask), src_mask, tgt_in_ids, src_ids)
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over target tokens (PAD ignored); batch from :func:`make_batch`."""
@@ -190,11 +220,12 @@ class Seq2Seq(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, memory: torch.Tensor, src_mask: torch.Tensor, last_tokens: torch.Tensor,
-                    cache: DecoderCache | None = None) -> tuple[torch.Tensor, DecoderCache]:
+                    cache: DecoderCache | None = None, src_ids: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, DecoderCache]:
         """One decoder token for N rows -> (log-probs (N, V) float32, cache).
 
-        memory (G, S, C) and src_mask (G, S) are read on the first call only (their
-        cross-attention K/V are cached); N must be a multiple of G (K beams per question).
+        memory (G, S, C), src_mask (G, S) and (copy head) src_ids (G, S) are read on the
+        first call only (their K/V are cached); N must be a multiple of G (K beams per question).
         """
         N = last_tokens.size(0)
         if cache is None:
@@ -203,11 +234,19 @@ class Seq2Seq(nn.Module):
                 raise ValueError(f"{N} decoder rows are not a multiple of {G} memory rows")
             cache = DecoderCache(len(self.decoder))
             cache.mem_mask, cache.group = src_mask, N // G
+            if self.cfg.copy_head:
+                if src_ids is None:
+                    raise ValueError("the copy head needs src_ids on the first decode_step")
+                cache.copy_keys, cache.src_ids = self.copy_k(memory), src_ids
         x = self.tok_emb(last_tokens.view(N, 1))  # (N, 1, C)
         for block, sc, cc in zip(self.decoder, cache.self_kv, cache.cross_kv):
             x = block(x, memory, cache.mem_mask, self_cache=sc, cross_cache=cc)
-        logits = self.lm_head(self.ln_dec(x[:, 0]))  # (N, V)
-        return F.log_softmax(logits.float(), dim=-1), cache
+        h = self.ln_dec(x[:, 0])  # (N, C)
+        if not self.cfg.copy_head:
+            return F.log_softmax(self.lm_head(h).float(), dim=-1), cache
+        G, K = cache.src_ids.size(0), cache.group
+        out = self._mix(h.view(G, K, -1), cache.copy_keys, cache.src_ids, cache.mem_mask)  # (G, K, V)
+        return out.view(N, -1), cache
 
 
 def make_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]] | None = None,

@@ -76,3 +76,81 @@ def build_trie_step(kb_out: str, vocab_out: str, out_dir: str) -> dict[str, Any]
     """The prefix tree over (S, P, M) keys plus the object index."""
     logger = get_run_logger()
     return build_trie_index(kb_out, vocab_out, out_dir, log=logger.info)
+
+
+# --------------------------------------------------------------------------- training / evaluation
+def _transient(task, task_run, state) -> bool:
+    """Retry only failures that a second attempt can fix (a worker or node lost), not bad input."""
+    try:
+        state.result()
+    except (ValueError, TypeError, KeyError, FileNotFoundError):
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+@task(name="train-seq2seq", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
+def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str | None,
+               max_failures: int = 2) -> dict[str, Any]:
+    """Ray Train + DeepSpeed; resumes the same run name after a crash; exports the model."""
+    import shutil
+
+    from tasks.train import MODEL_CONFIG, MODEL_FILE, TrainSpec, train
+    logger = get_run_logger()
+    spec = TrainSpec(**{**spec_dict, "splits": tuple(spec_dict["splits"])})
+    name = spec.run_name()
+    try:
+        m = read_manifest(model_out)
+        if m.get("run_name") == name:
+            logger.info("train-seq2seq: %s already trained (%s); not recomputed", name, model_out)
+            return m
+    except Exception:  # noqa: BLE001 - train
+        pass
+    pid = reporting.progress("train-progress", 0.0, f"{name}: starting Ray Train ({spec.num_workers} workers)")
+
+    def on_progress(p: dict) -> None:
+        desc = (f"step {p['step']}/{p['steps']} · loss {p['loss']:.4f} · {p['tokens_per_s']:,.0f} tokens/s · "
+                f"ETA {p['eta_s']:.0f}s")
+        logger.info("train-seq2seq: %s", desc)
+        reporting.update_progress(pid, 100.0 * p["step"] / p["steps"], desc)
+
+    res = train(spec, storage, ray_address, max_failures, on_progress=on_progress)
+    out = Path(model_out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    for f in (MODEL_FILE, MODEL_CONFIG):
+        shutil.copyfile(Path(res.checkpoint_dir) / f, out / f)
+    from tasks.storage import write_manifest
+    manifest = write_manifest(out, [MODEL_FILE, MODEL_CONFIG], run_name=name, steps=res.steps,
+                              final_loss=res.final_loss, tokens_per_s=res.tokens_per_s, train_wall_s=res.wall_s,
+                              checkpoint=res.checkpoint_dir, spec=spec_dict)
+    reporting.table("train-history", [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
+                                      for h in res.history], f"Training of {name}: loss and tokens/s per 5 steps")
+    return manifest
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_step(model_dir: str, vocab_dir: str, trie_dir: str, rows: list[dict], out_dir: str, name: str,
+                  beam: int, lookahead: bool, constrained: bool = True) -> dict[str, Any]:
+    """Beam search + KB lookup + official metrics for ``rows``; predictions on disk."""
+    import torch
+
+    from tasks.evaluate import run_eval
+    from tasks.train import load_trained_model
+    from tasks.trie_build import load_trie_index
+    from tasks.vocab import load_vocab
+    logger = get_run_logger()
+    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    vocab = load_vocab(vocab_dir)
+    trie, index = load_trie_index(trie_dir, vocab)
+    model = load_trained_model(model_dir)
+    pid = reporting.progress(f"evaluate-{name.replace('_', '-')}", 0.0, f"decoding {len(rows)} questions")
+
+    def progress(done: int, total: int) -> None:
+        reporting.update_progress(pid, 100.0 * done / max(1, total), f"{done}/{total} questions decoded")
+
+    metrics = run_eval(model, trie, index, vocab, rows, Path(out_dir), name, beam=beam, lookahead=lookahead,
+                       constrained=constrained, progress=progress)
+    logger.info("evaluate %s: %s", name, metrics)
+    return metrics

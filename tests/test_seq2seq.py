@@ -53,21 +53,23 @@ def test_shapes() -> None:
     assert torch.allclose(logprobs.exp().sum(-1), torch.ones(B), atol=1e-5)
 
 
-def test_incremental_equals_full_forward() -> None:
-    model, batch = small_model(), random_batch()
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_incremental_equals_full_forward(copy_head: bool) -> None:
+    model, batch = small_model(copy_head=copy_head), random_batch()
     tgt_in = batch["tgt_ids"][:, :-1]
     with torch.no_grad():
         full = F.log_softmax(model(batch["src_ids"], batch["src_mask"], tgt_in), dim=-1)  # (B, T, V)
         memory = model.encode(batch["src_ids"], batch["src_mask"])
     cache = None
     for t in range(tgt_in.size(1)):
-        step, cache = model.decode_step(memory, batch["src_mask"], tgt_in[:, t], cache)
+        step, cache = model.decode_step(memory, batch["src_mask"], tgt_in[:, t], cache, src_ids=batch["src_ids"])
         torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=0)
 
 
-def test_grouped_beams_and_reorder_equal_full_forward() -> None:
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_grouped_beams_and_reorder_equal_full_forward(copy_head: bool) -> None:
     """K beam rows per question share one memory row; index_select reorders them mid-way."""
-    model, batch = small_model(), random_batch(B=2)
+    model, batch = small_model(copy_head=copy_head), random_batch(B=2)
     K, T = 3, 6
     g = torch.Generator().manual_seed(5)
     seqs = torch.randint(5, V, (2 * K, T), generator=g)
@@ -79,7 +81,7 @@ def test_grouped_beams_and_reorder_equal_full_forward() -> None:
     for t in range(T):
         if t == 3:
             cache, rows = cache.index_select(perm), rows[perm]
-        step, cache = model.decode_step(memory, batch["src_mask"], seqs[rows, t], cache)
+        step, cache = model.decode_step(memory, batch["src_mask"], seqs[rows, t], cache, src_ids=batch["src_ids"])
         outs.append(step)
     # the rows after the reorder followed sequence rows[...] from step 3 on, their parents before
     hist = torch.cat([seqs[perm, :3], seqs[rows, 3:]], dim=1)  # (N, T)

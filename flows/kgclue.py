@@ -1,0 +1,248 @@
+"""kgclue-pipeline: data prep -> KB -> vocabulary -> trie -> train -> evaluate -> report.
+
+    python -m flows.kgclue --preset tiny|base --data-dir DIR --out DIR [--kb FILE]
+                           [--eval-file FILE] [--from-run DIR] [--ray-address ADDR]
+
+``tiny`` runs the whole DAG on a 2-core CPU in minutes (the README's main command); ``base``
+is the real run on the full train split. ``--from-run`` evaluates the model an earlier run
+trained, against another ``--kb`` / ``--eval-file``, without training again. Every stage
+caches by content: a re-run with the same inputs recomputes nothing.
+"""
+from __future__ import annotations
+
+import flows  # noqa: F401  (embedded defaults before prefect is imported)
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks import reporting
+from tasks.kgclue_data import prepare, read_split
+from tasks.minikb import MiniKbConfig
+from tasks.steps import (build_kb, build_trie_step, build_vocab_step, evaluate_step, prepare_data,
+                         train_step)
+from tasks.storage import read_manifest, write_json_atomic
+
+PRESETS = {
+    #        model preset, steps, micro batch/worker, lr, warmup, dev questions evaluated (None: all)
+    "tiny": dict(model="tiny", steps=600, micro_batch=32, lr=2e-3, warmup=30, eval_limit=None, test_limit=None),
+    "base": dict(model="base", steps=12000, micro_batch=32, lr=1e-3, warmup=300, eval_limit=None, test_limit=None),
+}
+METRIC_KEYS = ("score", "em_s", "em_p", "em_o", "em_all", "f1_s", "f1_p", "f1_o", "f1_all", "n_eval")
+
+
+class KgcluePipelineConfig(BaseModel):
+    """Parameters of kgclue-pipeline (and of its train-seq2seq stage flow)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    preset: Literal["tiny", "base"] = "tiny"
+    out: Path = Path("runs/kgclue")
+    data_dir: Path | None = Field(None, description="KgCLUE datasets/ folder; None: a generated sample")
+    kb: Path | None = Field(None, description="official-format KB; None: the mini-KB protocol")
+    kb_protocol: Literal["mini", "hard"] = "mini"
+    eval_file: Path | None = Field(None, description="a labelled KgCLUE-format file to score (default: dev)")
+    from_run: Path | None = Field(None, description="evaluate this earlier run's model; no training")
+    ray_address: str | None = Field(None, description="Ray cluster address; None: local Ray (or RAY_ADDRESS)")
+    num_workers: int = Field(2, ge=1, le=1024)
+    zero_stage: int = Field(1, ge=0, le=3)
+    use_gpu: bool = False
+    steps: int | None = Field(None, ge=1, description="override the preset's training steps")
+    micro_batch: int | None = Field(None, ge=1, le=4096)
+    beam: int = Field(4, ge=1, le=64)
+    lookahead: bool = True
+    seed: int = 0
+    max_failures: int = Field(2, ge=0, le=100)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a directory (KgCLUE's datasets/ folder, or omit it for a sample)")
+        return v
+
+    @field_validator("kb", "eval_file")
+    @classmethod
+    def _file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v}: no such file")
+        return v
+
+    @field_validator("from_run")
+    @classmethod
+    def _run(cls, v: Path | None) -> Path | None:
+        if v is not None and not (v / "model" / "manifest.json").is_file():
+            raise ValueError(f"{v}: not a finished kgclue-pipeline run (no model/manifest.json)")
+        return v
+
+    @model_validator(mode="after")
+    def _cluster(self) -> "KgcluePipelineConfig":
+        if self.use_gpu and self.ray_address is None:
+            import torch
+            if not torch.cuda.is_available():
+                raise ValueError("use_gpu=True but no GPU here and no ray_address of a GPU cluster")
+        return self
+
+    def preset_values(self) -> dict:
+        p = dict(PRESETS[self.preset])
+        if self.steps is not None:
+            p["steps"] = self.steps
+        if self.micro_batch is not None:
+            p["micro_batch"] = self.micro_batch
+        return p
+
+
+def _data_stages(cfg: KgcluePipelineConfig, vocab_dir: str) -> dict:
+    """prepare_data -> build_kb -> build_vocab (unless reusing a run's) -> build_trie."""
+    from flows.data_prep import DataPrepConfig, input_files
+    out = cfg.out
+    files, kb_splits = input_files(DataPrepConfig(out=out, data_dir=cfg.data_dir, kb=cfg.kb,
+                                                  kb_protocol=cfg.kb_protocol, seed=cfg.seed))
+    data_m = prepare_data(files, str(out / "data"), 0.01)
+    kb_m = build_kb(str(out / "data"), str(out), str(cfg.kb) if cfg.kb else None, kb_splits,
+                    MiniKbConfig(cfg.kb_protocol, seed=cfg.seed), 64 << 20, 0.01)
+    vocab_m = read_manifest(vocab_dir) if cfg.from_run else build_vocab_step(str(out / "data"), str(out / "kb"), vocab_dir)
+    trie_m = build_trie_step(str(out / "kb"), vocab_dir, str(out / "trie"))
+    return {"data": data_m, "kb": kb_m, "vocab": vocab_m, "trie": trie_m}
+
+
+def _train_spec(cfg: KgcluePipelineConfig, vocab_dir: str) -> dict:
+    from dataclasses import asdict
+
+    from models.seq2seq import PRESETS as MODEL_PRESETS
+    from tasks.train import TrainSpec
+    p = cfg.preset_values()
+    spec = TrainSpec(data_dir=str((cfg.out / "data").resolve()), vocab_dir=str(Path(vocab_dir).resolve()),
+                     model=dict(MODEL_PRESETS[p["model"]]), steps=p["steps"], micro_batch=p["micro_batch"],
+                     lr=p["lr"], warmup=p["warmup"], zero_stage=cfg.zero_stage, num_workers=cfg.num_workers,
+                     use_gpu=cfg.use_gpu, bf16=cfg.use_gpu, seed=cfg.seed,
+                     checkpoint_every=max(20, p["steps"] // 10))
+    return asdict(spec)
+
+
+def _eval_rows(cfg: KgcluePipelineConfig) -> tuple[str, list[dict]]:
+    if cfg.eval_file is None:
+        rows = [r for r in __import__("pyarrow.parquet", fromlist=["x"]).read_table(
+            cfg.out / "data" / "dev.parquet").to_pylist()]
+        name = "dev"
+    else:
+        prepare({"eval": cfg.eval_file}, cfg.out / "eval_data")
+        rows = read_split(cfg.eval_file, "eval").rows
+        name = "eval"
+    limit = cfg.preset_values()["eval_limit"]
+    return name, rows[:limit] if limit else rows
+
+
+@flow(name="train-seq2seq", log_prints=True)
+def train_seq2seq_flow(config: KgcluePipelineConfig) -> dict:
+    """The data stages (cached) and the training stage alone."""
+    vocab_dir = str(config.out / "vocab")
+    _data_stages(config, vocab_dir)
+    return train_step(_train_spec(config, vocab_dir), str((config.out / "ray").resolve()),
+                      str(config.out / "model"), config.ray_address, config.max_failures)
+
+
+@flow(name="kgclue-pipeline", log_prints=True)
+def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
+    """The main DAG; writes ``metrics.json`` under ``config.out`` and returns it."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    if config.from_run:
+        vocab_dir, model_dir = str(config.from_run / "vocab"), str(config.from_run / "model")
+    else:
+        vocab_dir, model_dir = str(out / "vocab"), str(out / "model")
+    stages = _data_stages(config, vocab_dir)
+    if config.from_run:
+        model_m = read_manifest(model_dir)
+        logger.info("kgclue-pipeline: evaluating %s's model %s (no training)", config.from_run, model_m["run_name"])
+    else:
+        model_m = train_step(_train_spec(config, vocab_dir), str((out / "ray").resolve()), model_dir,
+                             config.ray_address, config.max_failures)
+    name, rows = _eval_rows(config)
+    eval_dir = str(out / "eval")
+    Path(eval_dir).mkdir(parents=True, exist_ok=True)
+    m_eval = evaluate_step(model_dir, vocab_dir, str(out / "trie"), rows, eval_dir, name, config.beam, config.lookahead)
+    test_rows = []
+    if (out / "data" / "test.parquet").is_file():
+        test_rows = __import__("pyarrow.parquet", fromlist=["x"]).read_table(out / "data" / "test.parquet").to_pylist()
+        limit = config.preset_values()["test_limit"]
+        test_rows = test_rows[:limit] if limit else test_rows
+    if test_rows:
+        evaluate_step(model_dir, vocab_dir, str(out / "trie"), test_rows, eval_dir, "kgclue", config.beam,
+                      config.lookahead)
+    metrics = {k: m_eval[k] for k in METRIC_KEYS}
+    metrics.update({
+        "eval_set": name, "kb_protocol": "official" if config.kb else config.kb_protocol, "preset": config.preset,
+        "train_tokens_per_s": model_m.get("tokens_per_s"), "train_steps": model_m.get("steps"),
+        "final_loss": model_m.get("final_loss"), "run_name": model_m.get("run_name"),
+        "decode_questions_per_s": m_eval["questions_per_s"], "beam": config.beam, "lookahead": config.lookahead,
+        "kb_triples": stages["kb"]["triples"], "trie_keys": stages["trie"]["keys"],
+        "vocab_sha256": stages["vocab"]["vocab_sha256"], "wall_s": round(time.perf_counter() - t0, 1),
+    })
+    write_json_atomic(out / "metrics.json", metrics)
+    reporting.table("kgclue-metrics", [{"metric": k, "value": v} for k, v in metrics.items()],
+                    f"KgCLUE metrics on {name} ({metrics['kb_protocol']} KB)")
+    cfg_rows = [{"parameter": k, "value": str(v)} for k, v in config.model_dump().items()]
+    reporting.markdown("kgclue-report", "\n".join([
+        f"# kgclue-pipeline — {config.preset}", "",
+        f"**Score {metrics['score']:.2f}** (EM-O {metrics['em_o']:.2f}, F1-O {metrics['f1_o']:.2f}) on "
+        f"{metrics['n_eval']} {name} questions, {metrics['kb_protocol']} KB"
+        + (" (mini-KB protocol: not comparable to the leaderboard)" if not config.kb else ""), "",
+        reporting.md_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in metrics.items()}]),
+        "## Config", reporting.md_table(cfg_rows),
+        "## Data", reporting.md_table([{"split": s, **{k: v for k, v in m.items() if k != "source"}}
+                                       for s, m in stages["data"]["splits"].items()]),
+        f"vocab sha256 `{stages['vocab']['vocab_sha256'][:16]}…`, KB source sha256 "
+        f"`{stages['kb']['source_sha256'][:16]}…`, trie keys {stages['trie']['keys']:,}",
+    ]), "Metrics, config and data hashes of this run")
+    logger.info("kgclue-pipeline: %s", json.dumps(metrics, ensure_ascii=False))
+    return metrics
+
+
+def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
+    ap = argparse.ArgumentParser(prog="python -m flows.kgclue", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--data-dir", type=Path, help="KgCLUE datasets/ folder (default: a generated sample)")
+    ap.add_argument("--out", type=Path, default=Path("runs/kgclue"))
+    ap.add_argument("--kb", type=Path, help="official-format KB (head\\trelation\\ttail)")
+    ap.add_argument("--kb-protocol", choices=("mini", "hard"), default="mini")
+    ap.add_argument("--eval-file", type=Path, help="labelled KgCLUE-format file to score (default: dev)")
+    ap.add_argument("--from-run", type=Path, help="evaluate this earlier run's model, no training")
+    ap.add_argument("--ray-address", help="Ray cluster address (default: local Ray, or RAY_ADDRESS)")
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--zero-stage", type=int, default=1)
+    ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--beam", type=int, default=4)
+    ap.add_argument("--no-lookahead", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    return KgcluePipelineConfig(preset=a.preset, out=a.out, data_dir=a.data_dir, kb=a.kb, kb_protocol=a.kb_protocol,
+                                eval_file=a.eval_file, from_run=a.from_run, ray_address=a.ray_address,
+                                num_workers=a.num_workers, zero_stage=a.zero_stage, use_gpu=a.use_gpu,
+                                steps=a.steps, beam=a.beam, lookahead=not a.no_lookahead, seed=a.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+    try:
+        cfg = parse_args(argv)
+    except ValidationError as e:
+        print(f"kgclue-pipeline: invalid parameters:\n{e}", file=sys.stderr)
+        return 2
+    metrics = kgclue_pipeline(cfg)
+    print(f"kgclue-pipeline: Score {metrics['score']:.2f} (EM-O {metrics['em_o']:.2f}, F1-O {metrics['f1_o']:.2f}) "
+          f"on {metrics['n_eval']} {metrics['eval_set']} questions; wrote {cfg.out / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
