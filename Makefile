@@ -37,3 +37,26 @@ bench-trie: $(STAMP)
 
 clean:
 	rm -rf runs .prefect .pytest_cache
+
+# ---- Operations: the local Prefect stack (scripts/local_stack.sh, infra/README.md) ----------
+# PORT (4200), PREFECT_HOME (.prefect) and POOL (trieflow-local) pass through the environment.
+STACK := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/local_stack.sh
+.PHONY: stack-up stack-down stack-status deploy ui-screenshot
+
+stack-up: $(STAMP)
+	$(STACK) up
+
+stack-down:
+	$(STACK) down
+
+stack-status:
+	$(STACK) status
+
+deploy: $(STAMP)
+	$(STACK) deploy
+
+# Headless-Chromium screenshot of a flow run's page in the Prefect UI -> runs/ui/flow-run.png.
+# Brings the stack up (left running: `make stack-down`); runs data-prep/sample if no run exists.
+# Needs the Debian `chromium` package; not part of `make test` / CI.
+ui-screenshot: stack-up
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VPY) scripts/ui_screenshot.py --out runs/ui/flow-run.png
