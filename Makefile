@@ -10,7 +10,7 @@ DATA_DIR ?= $(shell [ -d ../shared/data/kgclue ] && echo ../shared/data/kgclue)
 OUT ?= runs/demo
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: venv demo test test-fast bench-trie clean
+.PHONY: venv demo data-prep test test-fast ui bench bench-trie clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,19 @@ $(STAMP): requirements.txt constraints.txt
 	    --force-reinstall --no-deps -c constraints.txt deepspeed==0.19.8
 	rm -f $(VENV)/.installed-*; touch $@
 
+# The main job: the whole kgclue-pipeline DAG, tiny preset, on embedded defaults (local Ray,
+# ephemeral Prefect API with its database under .prefect/, which the UI of `make ui` reads).
 demo: $(STAMP)
-	$(VPY) -m flows.data_prep $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out $(OUT)
+	$(VPY) -m flows.kgclue --preset tiny $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out $(OUT)
+	@echo "Prefect UI for this run: 'make ui', then open http://127.0.0.1:4200/runs (flow kgclue-pipeline)"
+
+data-prep: $(STAMP)
+	$(VPY) -m flows.data_prep $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out runs/data-prep
+
+# The Prefect UI over the project's runs (127.0.0.1 only; Ctrl-C stops it).
+ui: $(STAMP)
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	    $(VENV)/bin/prefect server start --host 127.0.0.1 --port $${PORT:-4200}
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider tests
@@ -34,6 +45,12 @@ test-fast: $(STAMP)
 
 bench-trie: $(STAMP)
 	$(VPY) -m bench.trie --scale full --json bench/results/trie-full.json
+
+# Every benchmark, each measuring its baseline in the same run (README "Performance").
+bench: bench-trie $(STAMP)
+	$(VPY) -m bench.train_throughput $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --json bench/results/train-throughput.json
+	test -f $(OUT)/model/manifest.json || $(MAKE) demo
+	$(VPY) -m bench.decode --run $(OUT) --threads 2 --batch 64 --beam 4 --n-questions 512 --repeat 3 --json bench/results/decode.json
 
 clean:
 	rm -rf runs .prefect .pytest_cache

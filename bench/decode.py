@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from models.decoding import constrained_beam_search, greedy_unconstrained
+from models.decoding import constrained_beam_search, greedy_unconstrained, unconstrained_beam_search
 from models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch
 from models.trie import KgTrie
 from models.vocab import CharVocab
@@ -63,29 +63,55 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--distractors", type=int, default=6)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--max-len", type=int, default=40)
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    ap.add_argument("--run", type=Path, help="a finished kgclue-pipeline run: its trained model, vocab, trie, dev")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = load("train") + load("dev")
-    gold = sorted({triple(r["answer"]) for r in rows})
-    rng, preds = random.Random(0), sorted({p for _, p, _ in gold})
-    extra = [(s, rng.choice(preds), m) for s, _, m in gold for _ in range(args.distractors)]
-    triples = sorted(set(gold + extra))
-    vocab = CharVocab.build([r["question"] for r in rows] + ["".join(t) for t in triples])
-    trie = KgTrie.from_triples(triples, vocab)
-    torch.manual_seed(0)
-    model = Seq2Seq(Seq2SeqConfig.preset(args.preset, len(vocab))).eval()
-    qs = [vocab.encode(r["question"])[:64] for r in load("dev")[: args.n_questions]]
+    if args.run:  # a trained model: beams end where the model puts EOS, as in real use
+        import pyarrow.parquet as pq
+
+        from tasks.train import load_trained_model
+        from tasks.trie_build import load_trie_index
+        from tasks.vocab import load_vocab
+        vocab = load_vocab(args.run / "vocab")
+        trie, _ = load_trie_index(args.run / "trie", vocab)
+        model = load_trained_model(args.run / "model")
+        dev = pq.read_table(args.run / "data" / "dev.parquet", columns=["question"])["question"].to_pylist()
+        qs = [vocab.encode(q)[:64] for q in dev[: args.n_questions]]
+    else:  # an untrained model over a KB like the mini protocol's
+        rows = load("train") + load("dev")
+        gold = sorted({triple(r["answer"]) for r in rows})
+        rng, preds = random.Random(0), sorted({p for _, p, _ in gold})
+        extra = [(s, rng.choice(preds), m) for s, _, m in gold for _ in range(args.distractors)]
+        triples = sorted(set(gold + extra))
+        vocab = CharVocab.build([r["question"] for r in rows] + ["".join(t) for t in triples])
+        trie = KgTrie.from_triples(triples, vocab)
+        torch.manual_seed(0)
+        model = Seq2Seq(Seq2SeqConfig.preset(args.preset, len(vocab))).eval()
+        qs = [vocab.encode(r["question"])[:64] for r in load("dev")[: args.n_questions]]
     batches = [make_batch(qs[i:i + args.batch]) for i in range(0, len(qs), args.batch)]
-    out = {"bench": "decode-throughput", "preset": args.preset, "params": model.n_params(),
+    out = {"bench": "decode-throughput", "model": str(args.run / "model") if args.run else f"untrained {args.preset}", "params": model.n_params(),
            "vocab": len(vocab), "keys": len(trie), "threads": args.threads, "batch": args.batch,
            "beam": args.beam, "questions": len(qs)}
-    greedy = lambda b: greedy_unconstrained(model, b["src_ids"], b["src_mask"], max_len=40)
+    L = args.max_len
+    greedy = lambda b: greedy_unconstrained(model, b["src_ids"], b["src_mask"], max_len=L)  # noqa: E731
     out["greedy-unconstrained-qps"] = qps(greedy, batches, len(qs), args.repeat)
+    free = lambda b: unconstrained_beam_search(model, b["src_ids"], b["src_mask"], beam_size=args.beam, max_len=L)  # noqa: E731
+    out["beam-unconstrained-qps"] = qps(free, batches, len(qs), args.repeat)
     for la in (False, True):
-        fn = lambda b: constrained_beam_search(model, trie, b["src_ids"], b["src_mask"],
-                                               beam_size=args.beam, lookahead=la)
+        fn = lambda b: constrained_beam_search(model, trie, b["src_ids"], b["src_mask"],  # noqa: E731
+                                               beam_size=args.beam, max_len=L, lookahead=la)
         out[f"beam{'-lookahead' if la else ''}-qps"] = qps(fn, batches, len(qs), args.repeat)
-    print(json.dumps(out))
+    out["constrained_qps"] = out["beam-qps"]["median"]
+    out["constrained_lookahead_qps"] = out["beam-lookahead-qps"]["median"]
+    out["unconstrained_qps"] = out["beam-unconstrained-qps"]["median"]
+    out["constraint_overhead"] = round(out["unconstrained_qps"] / out["constrained_qps"] - 1, 3)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -138,17 +138,32 @@ def _constrained_logprobs(logprobs: torch.Tensor, live: np.ndarray, allowed: lis
     return cand
 
 
-def beam_search(step_fn: StepFn, trie: KgTrie, n_questions: int, beam_size: int, max_len: int,
+def _free_logprobs(logprobs: torch.Tensor, live: np.ndarray, done: np.ndarray) -> torch.Tensor:
+    """(N, V) without a constraint: live rows keep the model's log-probs, finished rows PAD."""
+    cand = torch.full_like(logprobs, float("-inf"))
+    idx = torch.from_numpy(live)
+    cand[idx] = logprobs[idx]
+    cand[torch.from_numpy(done), PAD] = 0.0
+    return cand
+
+
+def beam_search(step_fn: StepFn, trie: KgTrie | None, n_questions: int, beam_size: int, max_len: int,
                 state: Any = None, *, lookahead: bool = False,
                 question_ids: Sequence[np.ndarray] | None = None, max_completions: int = 2000,
                 n_best: int | None = None) -> list[list[Hypothesis]]:
-    """Per question, its finished hypotheses, best first (at most ``n_best``, default K)."""
+    """Per question, its finished hypotheses, best first (at most ``n_best``, default K).
+
+    ``trie=None`` runs the same search unconstrained (a beam ends at EOS; key ids are -1):
+    the baseline that prices the constraint.
+    """
+    if lookahead and trie is None:
+        raise ValueError("lookahead needs a trie")
     if lookahead and (question_ids is None or len(question_ids) != n_questions):
         raise ValueError("lookahead needs question_ids: one token-id array per question")
     K, n_best = beam_size, beam_size if n_best is None else n_best
     qid = np.arange(n_questions)  # global question index of each active question
     N = n_questions * K
-    states: list[Any] = [trie.start()] * N
+    states: list[Any] = [trie.start() if trie is not None else None] * N
     comps: list[np.ndarray | None] = [None] * N  # complete completion matrices, carried along
     status = np.zeros(N, dtype=np.int8)
     sep_seen = np.zeros(N, dtype=bool)
@@ -165,7 +180,8 @@ def beam_search(step_fn: StepFn, trie: KgTrie, n_questions: int, beam_size: int,
         for r in done[:n_best]:
             toks = tokens[r, 1:]
             end = int(np.flatnonzero(toks == EOS)[0]) + 1
-            results[q].append(Hypothesis(trie.key_id(states[r]), float(scores[r]), toks[:end].copy()))
+            key = trie.key_id(states[r]) if trie is not None else -1
+            results[q].append(Hypothesis(key, float(scores[r]), toks[:end].copy()))
 
     for _ in range(max_len):
         N = len(states)
@@ -174,7 +190,10 @@ def beam_search(step_fn: StepFn, trie: KgTrie, n_questions: int, beam_size: int,
         logprobs = logprobs.float().cpu()  # (N, V); the search itself runs on the CPU
         V = logprobs.size(1)
         live = np.flatnonzero(status == _LIVE)
-        allowed = [trie.allowed(states[i]) for i in live]
+        if trie is None:
+            allowed = []
+        else:
+            allowed = [trie.allowed(states[i]) for i in live]
         for i, a in zip(live, allowed):
             if a.size == 0:
                 raise DecodingError(f"empty allowed set on a live beam (question {qid[i // K]}, "
@@ -191,7 +210,10 @@ def beam_search(step_fn: StepFn, trie: KgTrie, n_questions: int, beam_size: int,
                     mat, complete = completion_matrix(trie, states[i], max_completions)
                     comps[i] = mat if complete else None
                 weights.append(weights_from_completions(mat, tokens[i, 1:], questions[qid[i // K]], a))
-        cand = _constrained_logprobs(logprobs, live, allowed, weights, np.flatnonzero(status == _DONE))
+        if trie is None:
+            cand = _free_logprobs(logprobs, live, np.flatnonzero(status == _DONE))
+        else:
+            cand = _constrained_logprobs(logprobs, live, allowed, weights, np.flatnonzero(status == _DONE))
         top_v, top_i = (scores[:, None] + cand).view(B, K * V).topk(K, dim=1)  # (B, K)
         parent = (top_i // V + torch.arange(B)[:, None] * K).view(-1).numpy()
         new_tok = (top_i % V).view(-1).numpy().copy()
@@ -205,6 +227,8 @@ def beam_search(step_fn: StepFn, trie: KgTrie, n_questions: int, beam_size: int,
                 new_tok[j] = PAD
             elif old_status[p] == _DONE:
                 new_states[j], new_status[j] = states[p], _DONE
+            elif trie is None:
+                new_status[j] = _DONE if t == EOS else _LIVE
             else:
                 new_states[j] = s = trie.advance(states[p], t)
                 if trie.is_terminal(s):
@@ -263,6 +287,16 @@ def constrained_beam_search(model: torch.nn.Module, trie: KgTrie, src_ids: torch
     return beam_search(step, trie, src_ids.size(0), beam_size, max_len, lookahead=lookahead,
                        question_ids=question_ids_of(src_ids, src_mask) if lookahead else None,
                        max_completions=max_completions, n_best=n_best)
+
+
+@torch.inference_mode()
+def unconstrained_beam_search(model: torch.nn.Module, src_ids: torch.Tensor, src_mask: torch.Tensor,
+                              beam_size: int = 4, max_len: int | None = None) -> list[list[Hypothesis]]:
+    """The same batched beam search without the trie (the constraint's baseline)."""
+    model.eval()
+    max_len = model.cfg.max_len if max_len is None else min(max_len, model.cfg.max_len)
+    step = model_step_fn(model, src_ids, src_mask)
+    return beam_search(step, None, src_ids.size(0), beam_size, max_len)
 
 
 @torch.inference_mode()

@@ -1,0 +1,123 @@
+"""Training throughput: Ray Train + DeepSpeed versus plain single-process PyTorch, one run.
+
+    python -m bench.train_throughput --json FILE [--steps 120] [--data-dir DIR]
+
+Same model (the tiny preset), same data, same global batch (micro batch × 2), same 2 cores:
+* ``torch``: one process, ``torch.set_num_threads(2)``, AdamW, a plain loop;
+* ``ray_deepspeed``: ``tasks.train.train`` — 2 Ray Train workers × 1 thread, gloo all-reduce,
+  a DeepSpeed engine (ZeRO-1) in each, checkpoints as configured.
+Tokens = non-pad source + target tokens. The first ``warmup`` steps are not timed.
+``ratio`` = torch tokens/s ÷ Ray+DeepSpeed tokens/s (per core; both use 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prepared(data_dir: Path | None, work: Path) -> tuple[str, str]:
+    """Data + vocab directories (real KgCLUE when given, else a generated sample)."""
+    from tasks.kb import ingest_kb
+    from tasks.kgclue_data import discover, prepare, read_split
+    from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
+    from tasks.sample import write_sample
+    from tasks.vocab import build_vocab
+    files = discover(data_dir or write_sample(work / "sample", n_train=4000, n_dev=100, n_test=10))
+    prepare(files, work / "data")
+    rows = read_split(files["train"], "train").rows
+    write_kb_txt(build_triples(gold_triples(rows), MiniKbConfig("mini")), work / "kb.txt")
+    ingest_kb(work / "kb.txt", work / "kb")
+    build_vocab([r["question"] for r in rows], work / "kb", work / "vocab", "bench")
+    return str(work / "data"), str(work / "vocab")
+
+
+def plain_torch(spec, warmup: int, threads: int) -> dict:
+    """The same loop as a Ray worker, in one process with ``threads`` threads."""
+    import torch
+
+    from models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch
+    from tasks.train import batch_indices, load_pairs
+    torch.set_num_threads(threads)
+    src, tgt, vocab_size = load_pairs(spec.data_dir, spec.vocab_dir, spec.splits, spec.max_src_len)
+    torch.manual_seed(spec.seed)
+    model = Seq2Seq(Seq2SeqConfig(**{**spec.model, "vocab_size": vocab_size})).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    gb = spec.micro_batch * spec.num_workers
+    tokens, t0 = 0, None
+    for step in range(spec.steps):
+        if step == warmup:
+            tokens, t0 = 0, time.perf_counter()
+        rows = batch_indices(len(src), step, gb, spec.seed, 0, 1)
+        batch = make_batch([src[i] for i in rows], [tgt[i] for i in rows])
+        loss = model.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += int((batch["tgt_ids"] != 0).sum() + batch["src_mask"].sum())
+    wall = time.perf_counter() - t0
+    return {"tokens_per_s": tokens / wall, "timed_steps": spec.steps - warmup, "final_loss": float(loss)}
+
+
+def ray_deepspeed(spec, warmup: int, storage: str) -> dict:
+    from tasks.train import train
+    res = train(spec, storage)
+    hist = [h for h in res.history if h["step"] > warmup]
+    return {"tokens_per_s": float(np.median([h["tokens_per_s"] for h in hist])), "timed_steps": spec.steps - warmup,
+            "final_loss": res.final_loss, "wall_s_incl_startup": round(res.wall_s, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--micro-batch", type=int, default=32)
+    ap.add_argument("--zero-stage", type=int, default=1)
+    ap.add_argument("--data-dir", type=Path)
+    a = ap.parse_args(argv)
+    import flows  # noqa: F401  (embedded defaults)
+    from dataclasses import replace
+
+    from models.seq2seq import PRESETS
+    from tasks.train import TrainSpec
+    cores = os.cpu_count() or 2
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir, vocab_dir = prepared(a.data_dir, Path(tmp))
+        spec = TrainSpec(data_dir=data_dir, vocab_dir=vocab_dir, model=dict(PRESETS["tiny"]), steps=a.steps,
+                         micro_batch=a.micro_batch, zero_stage=a.zero_stage, num_workers=2,
+                         checkpoint_every=a.steps, seed=0)
+        torch_side = plain_torch(spec, a.warmup, threads=cores)
+        ray_side = ray_deepspeed(replace(spec), a.warmup, str(Path(tmp) / "ray"))
+    result = {
+        "bench": "train_throughput", "model": "tiny (copy head)", "global_batch": a.micro_batch * 2,
+        "zero_stage": a.zero_stage, "steps": a.steps, "warmup": a.warmup,
+        "data": str(a.data_dir) if a.data_dir else "generated sample",
+        "machine": {"cpus": cores, "platform": platform.platform()},
+        "torch_tokens_per_s": round(torch_side["tokens_per_s"], 1),
+        "ray_deepspeed_tokens_per_s": round(ray_side["tokens_per_s"], 1),
+        "torch_tokens_per_s_per_core": round(torch_side["tokens_per_s"] / cores, 1),
+        "ray_deepspeed_tokens_per_s_per_core": round(ray_side["tokens_per_s"] / cores, 1),
+        "ratio": round(torch_side["tokens_per_s"] / ray_side["tokens_per_s"], 3),
+        "torch": torch_side, "ray_deepspeed": ray_side,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
