@@ -61,8 +61,8 @@ def count_blocks(grid: Sequence[Cell], items: Iterable[Item], seed: int) -> dict
 
 @ray.remote(num_cpus=1)
 def count_shard(grid: Sequence[Cell], items: list[Item], seed: int) -> dict[str, Any]:
-    """Ray task: one shard of blocks (see count_blocks)."""
-    return count_blocks(grid, items, seed)
+    """Ray task: one shard of blocks (see count_blocks), tagged with the node it ran on."""
+    return {**count_blocks(grid, items, seed), "node": ray.get_runtime_context().get_node_id()}
 
 
 @ray.remote(num_cpus=1)
@@ -119,7 +119,8 @@ def run_grid(grid: Sequence[Cell], samples_per_cell: int, shards: int, seed: int
 
     t0 = time.perf_counter()
     grid_ref = ray.put(grid)
-    results = ray.get([count_shard.remote(grid_ref, p, seed) for p in parts])
+    spread = count_shard.options(scheduling_strategy="SPREAD")  # across every node of a cluster
+    results = ray.get([spread.remote(grid_ref, p, seed) for p in parts])
     wall = time.perf_counter() - t0
 
     hits, samples = [0] * len(grid), [0] * len(grid)
@@ -141,4 +142,5 @@ def run_grid(grid: Sequence[Cell], samples_per_cell: int, shards: int, seed: int
         "cores": cores,
         "samples_per_s_per_core": simulated / wall / cores,
         "kernel_samples_per_s_by_n": {str(n): k / dt for n, (k, dt) in sorted(busy.items()) if dt > 0},
+        "nodes": len({r["node"] for r in results}),
     }
