@@ -14,7 +14,9 @@ import flows  # noqa: F401  (embedded defaults before prefect is imported)
 
 import argparse
 import json
+import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -55,6 +57,9 @@ class KgcluePipelineConfig(BaseModel):
     use_gpu: bool = False
     steps: int | None = Field(None, ge=1, description="override the preset's training steps")
     micro_batch: int | None = Field(None, ge=1, le=4096)
+    global_batch: int | None = Field(None, ge=1, le=1 << 20, description=(
+        "rows per optimizer step over all workers; must divide by num_workers, and sets "
+        "micro_batch = global_batch / num_workers"))
     beam: int = Field(4, ge=1, le=64)
     lookahead: bool = True
     seed: int = 0
@@ -81,12 +86,52 @@ class KgcluePipelineConfig(BaseModel):
             raise ValueError(f"{v}: not a finished kgclue-pipeline run (no model/manifest.json)")
         return v
 
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_answers(cls, v: str | None) -> str | None:
+        """host:port or ray://host:port must accept a TCP connection within 0.5 s (no Ray
+        job starts before this passes); None and "auto" are resolved by Ray itself."""
+        if v is None or v.strip() in ("auto", "local"):
+            return v
+        host, port = ray_host_port(v)
+        try:
+            socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise ValueError(
+                f"{v!r}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__} within "
+                f"{RAY_CONNECT_TIMEOUT_S} s); start the cluster (infra/README.md), fix the address, or "
+                f"omit ray_address (--ray-address) for a local Ray") from None
+        return v
+
+    @model_validator(mode="after")
+    def _batches(self) -> "KgcluePipelineConfig":
+        if self.global_batch is None:
+            return self
+        if self.global_batch % self.num_workers:
+            raise ValueError(f"global_batch={self.global_batch} is not divisible by num_workers="
+                             f"{self.num_workers}; choose global_batch as a multiple of num_workers "
+                             f"(micro_batch = global_batch / num_workers per worker)")
+        per_worker = self.global_batch // self.num_workers
+        if self.micro_batch is not None and self.micro_batch != per_worker:
+            raise ValueError(f"micro_batch={self.micro_batch} contradicts global_batch={self.global_batch} / "
+                             f"num_workers={self.num_workers} = {per_worker}; give one of micro_batch, "
+                             f"global_batch")
+        if per_worker > 4096:
+            raise ValueError(f"global_batch={self.global_batch} / num_workers={self.num_workers} = {per_worker} "
+                             f"rows per worker, over the micro_batch limit 4096")
+        return self
+
     @model_validator(mode="after")
     def _cluster(self) -> "KgcluePipelineConfig":
         if self.use_gpu and self.ray_address is None:
             import torch
             if not torch.cuda.is_available():
                 raise ValueError("use_gpu=True but no GPU here and no ray_address of a GPU cluster")
+        if (self.ray_address is None and not os.environ.get("RAY_ADDRESS") and not self.use_gpu
+                and not self.from_run and self.num_workers > (os.cpu_count() or 1)):
+            raise ValueError(f"num_workers={self.num_workers} but a local Ray has {os.cpu_count()} CPU(s): "
+                             f"the training would wait for CPUs forever; lower num_workers or give "
+                             f"ray_address of a cluster")
         return self
 
     def preset_values(self) -> dict:
@@ -95,7 +140,27 @@ class KgcluePipelineConfig(BaseModel):
             p["steps"] = self.steps
         if self.micro_batch is not None:
             p["micro_batch"] = self.micro_batch
+        if self.global_batch is not None:
+            p["micro_batch"] = self.global_batch // self.num_workers
         return p
+
+
+RAY_CONNECT_TIMEOUT_S = 0.5
+
+
+def ray_host_port(address: str) -> tuple[str, int]:
+    """(host, port) of ``host:port`` or ``ray://host:port``; ValueError for anything else."""
+    from urllib.parse import urlsplit
+    a = address.strip()
+    parts = urlsplit(a if "://" in a else f"//{a}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("", "ray") or not parts.hostname or port is None or port == 0:
+        raise ValueError(f"{address!r}: give host:port (a Ray head's GCS, e.g. 10.0.0.5:6379), "
+                         f"ray://host:port (Ray Client, e.g. ray://head:10001), or 'auto'")
+    return parts.hostname, port
 
 
 def _data_stages(cfg: KgcluePipelineConfig, vocab_dir: str) -> dict:
@@ -221,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
     ap.add_argument("--zero-stage", type=int, default=1)
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--micro-batch", type=int, help="rows per worker per step (default: the preset's)")
+    ap.add_argument("--global-batch", type=int, help="rows per step over all workers (sets --micro-batch)")
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--no-lookahead", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -228,7 +295,8 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
     return KgcluePipelineConfig(preset=a.preset, out=a.out, data_dir=a.data_dir, kb=a.kb, kb_protocol=a.kb_protocol,
                                 eval_file=a.eval_file, from_run=a.from_run, ray_address=a.ray_address,
                                 num_workers=a.num_workers, zero_stage=a.zero_stage, use_gpu=a.use_gpu,
-                                steps=a.steps, beam=a.beam, lookahead=not a.no_lookahead, seed=a.seed)
+                                steps=a.steps, micro_batch=a.micro_batch, global_batch=a.global_batch,
+                                beam=a.beam, lookahead=not a.no_lookahead, seed=a.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"kgclue-pipeline: invalid parameters:\n{e}", file=sys.stderr)
         return 2
-    metrics = kgclue_pipeline(cfg)
+    from flows.data_prep import KNOWN_ERRORS, cli_error
+    try:
+        metrics = kgclue_pipeline(cfg)
+    except KNOWN_ERRORS as e:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+        return cli_error("kgclue-pipeline", e)
     print(f"kgclue-pipeline: Score {metrics['score']:.2f} (EM-O {metrics['em_o']:.2f}, F1-O {metrics['f1_o']:.2f}) "
           f"on {metrics['n_eval']} {metrics['eval_set']} questions; wrote {cfg.out / 'metrics.json'}")
     return 0

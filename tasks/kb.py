@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from models.trie import Utf8Table
-from tasks.kgclue_data import Bad, normalize_object, split_subject
+from tasks.kgclue_data import Bad, all_lines_bad, file_problem, normalize_object, split_subject
 from tasks.storage import atomic_path, read_manifest, sha256_file, write_manifest
 
 SCHEMA_VERSION = 1
@@ -45,19 +45,19 @@ def iter_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
     """(first line number, bytes) chunks that end on a newline (except possibly the last)."""
     first_line = 1
     with open(path, "rb") as f:
-        rest = b""
+        pending: list[bytes] = []  # blocks of a line longer than a chunk (joined once: linear time)
         while True:
             block = f.read(chunk_bytes)
             if not block:
-                if rest:
-                    yield first_line, rest
+                if pending:
+                    yield first_line, b"".join(pending)
                 return
-            data = rest + block
-            cut = data.rfind(b"\n")
+            cut = block.rfind(b"\n")
             if cut < 0:  # one very long line: keep reading
-                rest = data
+                pending.append(block)
                 continue
-            chunk, rest = data[:cut + 1], data[cut + 1:]
+            chunk = b"".join([*pending, block[:cut + 1]])
+            pending = [block[cut + 1:]] if cut + 1 < len(block) else []
             yield first_line, chunk
             first_line += chunk.count(b"\n")
 
@@ -84,8 +84,8 @@ def _fast_chunk(chunk: bytes) -> pa.Table | None:
         return None
     if table.num_rows != n_lines:
         return None
-    for c in "spo":
-        if pc.any(pc.equal(pc.utf8_length(table[c]), 0)).as_py() or \
+    for c in "spo":  # an empty or whitespace-only field (the exact path quarantines it), a huge one
+        if pc.any(pc.match_substring_regex(table[c], f"^{_WS_RE2}*$")).as_py() or \
                 pc.max(pc.binary_length(table[c])).as_py() > MAX_LINE_BYTES:
             return None
     s = table["s"].combine_chunks()
@@ -166,6 +166,10 @@ def ingest_kb(kb_path: str | Path, out_dir: str | Path, chunk_bytes: int = 64 <<
     if not kb_path.is_file():
         raise FileNotFoundError(f"--kb {kb_path}: no such file. Give the official knowledge.txt "
                                 f"(head\\trelation\\ttail per line) or omit --kb for the mini-KB.")
+    problem = file_problem(kb_path, "KB file")
+    if problem:
+        raise KbFormatError(f"{kb_path}: no usable triple: {problem}. The KB format is UTF-8 text, one "
+                            f"head\\trelation\\ttail triple per line.")
     src_sha = sha256_file(kb_path)
     try:
         manifest = read_manifest(out_dir)
@@ -201,8 +205,9 @@ def ingest_kb(kb_path: str | Path, out_dir: str | Path, chunk_bytes: int = 64 <<
     with atomic_path(out_dir / "quarantine.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(b.record(), ensure_ascii=False) + "\n" for b in bad), "utf-8")
     if rows_out == 0:
-        raise KbFormatError(f"{kb_path}: no usable triple in {lines_in} line(s); see "
-                            f"{out_dir / 'quarantine.jsonl'}")
+        raise KbFormatError(f"{kb_path}: no usable triple: {all_lines_bad(bad)}. Every bad line is in "
+                            f"{out_dir / 'quarantine.jsonl'}; the KB format is UTF-8 text, one "
+                            f"head\\trelation\\ttail triple per line.")
     if len(bad) / lines_in > max_bad_fraction:
         first = "; ".join(f"line {b.line}: {b.reason}" for b in bad[:3])
         raise KbFormatError(f"{kb_path}: {len(bad)} of {lines_in} lines bad ({len(bad) / lines_in:.1%} > "

@@ -31,6 +31,8 @@ QA_SCHEMA = pa.schema([
 # "Name（meaning）": the disambiguation is the full-width bracket part at the end, split at the
 # first "（" (bojone's subject_split); "完美（中国）有限公司" has none.
 _SUBJECT_RE = re.compile(r"^([^（]+)（(.+)）$", re.S)
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
 
 
 class DataQualityError(ValueError):
@@ -66,6 +68,7 @@ class Bad:
 
     def record(self) -> dict[str, Any]:
         v = self.value if len(self.value) <= 200 else self.value[:200] + f"…(+{len(self.value) - 200} chars)"
+        v = v.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot be written
         return {"file": self.file, "line": self.line, "field": self.field, "value": v,
                 "reason": self.reason, "fix": self.fix}
 
@@ -113,7 +116,9 @@ def parse_line(raw: bytes, no: int, fname: str, split: str, seen: dict[int, int]
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return bad(f"not JSON: {e.msg} at column {e.colno}", "", text, "each line must be one JSON object")
+        return bad(f"not JSON: {e.msg} (column {e.colno})", "", text, "each line must be one JSON object")
+    except RecursionError:
+        return bad("not JSON: nested too deeply", "", text, "each line must be one flat JSON object")
     if not isinstance(obj, dict):
         return bad(f"not a JSON object but {type(obj).__name__}", "", text, "each line must be one JSON object")
     required = ("id", "question") if split == "test" else ("id", "question", "answer")
@@ -130,6 +135,12 @@ def parse_line(raw: bytes, no: int, fname: str, split: str, seen: dict[int, int]
         return bad(f"field 'question' must be a string, got {type(q).__name__}", "question", q)
     if not q.strip():
         return bad("empty question", "question", q, "drop the line or fill in the question")
+    for name in ("question", "answer"):
+        v = obj.get(name)
+        if isinstance(v, str) and _SURROGATE_RE.search(v):
+            return bad(f"field '{name}' holds a lone UTF-16 surrogate (\\u{ord(_SURROGATE_RE.search(v)[0]):04x}), "
+                       f"which is not valid Unicode", name, v.encode("utf-8", "backslashreplace").decode(),
+                       "fix the exporter's \\u escapes (a surrogate pair must be complete)")
     row = {"split": split, "id": rid, "line": no, "question": q, "subject": None,
            "disambiguation": None, "predicate": None, "object": None}
     if "answer" in obj:
@@ -144,12 +155,59 @@ def parse_line(raw: bytes, no: int, fname: str, split: str, seen: dict[int, int]
         for name, value in (("subject", s), ("predicate", p), ("object", o)):
             if not value:
                 return bad(f"empty {name} in answer", "answer", a)
+        for name, value in (("subject", s), ("predicate", p)):
+            if _CONTROL_RE.search(value):
+                return bad(f"{name} in answer holds a control character "
+                           f"({_CONTROL_RE.search(value)[0]!r}); the knowledge base is tab/newline-separated",
+                           "answer", a, f"remove tabs, newlines and control characters from the {name}")
         base, meaning = split_subject(s)
         row.update(subject=base, disambiguation=meaning, predicate=p, object=o)
     if rid in seen:
         return bad(f"duplicate id {rid} (first at line {seen[rid]})", "id", rid, "ids must be unique per file")
     seen[rid] = no
     return row
+
+
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"),
+              (b"\xff\xfe", "UTF-16LE"), (b"\xfe\xff", "UTF-16BE"))
+
+
+def file_problem(path: Path, what: str = "file") -> str | None:
+    """A whole-file problem seen in its first bytes (empty, UTF-16/32, binary, CR-only line
+    ends), as 'reason; fix'. Such a file is refused whatever ``max_bad_fraction`` is."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"empty {what} (0 bytes); fix: export it again, or remove it"
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    for bom, enc in _WIDE_BOMS:
+        if head.startswith(bom):
+            return (f"encoded as {enc} (byte-order mark {bom.hex(' ')}), not UTF-8; fix: re-encode it, "
+                    f"e.g. iconv -f {enc} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}")
+    nul = head.count(b"\x00")
+    if nul > len(head) // 4:
+        return (f"{nul / len(head):.0%} of its first {len(head):,} bytes are NUL: binary, or "
+                f"UTF-16 without a byte-order mark; fix: give the UTF-8 text file")
+    if b"\n" not in head and b"\r" in head:
+        return (f"CR-only (classic Mac) line endings, so it reads as one line; fix: convert them, "
+                f"e.g. tr '\\r' '\\n' < {path.name} > {path.stem}.lf{path.suffix}")
+    return None
+
+
+def all_lines_bad(bad: list[Bad], first_text: bytes = b"") -> str:
+    """Why a file with lines gave no row at all (every line quarantined), with the fix."""
+    from collections import Counter
+    kinds = Counter(b.reason.split(":")[0].split(" (")[0] for b in bad)
+    kind, n = kinds.most_common(1)[0]
+    first = "; ".join(f"line {b.line}: {b.reason}" for b in bad[:3])
+    if first_text.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        fix = ("it looks like one JSON array, but KgCLUE files are JSON lines (one object per line); "
+               "convert it, e.g. jq -c '.[]'")
+    elif kind == "not UTF-8" and n == len(bad):
+        fix = ("the file is not UTF-8 (GBK/GB18030?); re-encode it, e.g. iconv -f GB18030 -t UTF-8")
+    else:
+        fix = "fix the file (every line was quarantined)"
+    return f"all {len(bad)} line(s) bad ({n} x {kind}); first: {first}; fix: {fix}"
 
 
 def read_split(path: Path, split: str) -> SplitResult:
@@ -193,6 +251,9 @@ def prepare(files: dict[str, Path], out_dir: Path, max_bad_fraction: float = 0.0
     if not 0 <= max_bad_fraction <= 1:
         raise ValueError(f"max_bad_fraction={max_bad_fraction}: must be within [0, 1]")
     out_dir = Path(out_dir)
+    for split, p in files.items():
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: no such KgCLUE file (split '{split}'); check --data-dir / --labelled")
     key = fingerprint(files, max_bad_fraction=max_bad_fraction, schema_version=SCHEMA_VERSION)
     try:
         manifest = read_manifest(out_dir)
@@ -201,21 +262,27 @@ def prepare(files: dict[str, Path], out_dir: Path, max_bad_fraction: float = 0.0
     except Exception:  # noqa: BLE001 - anything short of a valid manifest means rebuild
         pass
     (out_dir / "manifest.json").unlink(missing_ok=True)
-    results = [read_split(p, split) for split, p in files.items()]
+    problems = {split: file_problem(Path(p)) for split, p in files.items()}
+    results = [read_split(Path(p), split) for split, p in files.items() if not problems[split]]
     quarantine = [b.record() for r in results for b in r.bad]
     with atomic_path(out_dir / "quarantine.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine), "utf-8")
-    failures = []
+    failures = [f"{files[split]}: {msg}" for split, msg in problems.items() if msg]
+    too_many = False
     for r in results:
-        if r.rows_in and len(r.bad) / r.rows_in > max_bad_fraction:
+        if r.rows_in and not r.rows:
+            with open(r.path, "rb") as f:
+                failures.append(f"{r.path}: no usable line: {all_lines_bad(r.bad, f.read(4096))}")
+        elif r.rows_in and len(r.bad) / r.rows_in > max_bad_fraction:
+            too_many = True
             reasons = "; ".join(f"line {b.line}: {b.reason}" for b in r.bad[:3])
             failures.append(f"{r.path}: {len(r.bad)} of {r.rows_in} lines bad "
                             f"({len(r.bad) / r.rows_in:.1%} > max_bad_fraction "
                             f"{max_bad_fraction:.1%}); first: {reasons}")
     if failures:
         raise DataQualityError("\n".join(failures) + f"\nEvery bad line is in "
-                               f"{out_dir / 'quarantine.jsonl'}; fix the input or raise "
-                               f"--max-bad-fraction.")
+                               f"{out_dir / 'quarantine.jsonl'} (file, line, field, reason, fix)"
+                               + ("; fix those lines or raise --max-bad-fraction." if too_many else "."))
     files_meta: dict[str, dict[str, Any]] = {}
     splits_meta = {}
     for r in results:

@@ -131,6 +131,9 @@ def train_loop_per_worker(config: dict) -> None:
     sink = config.get("sink")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if sink is not None:  # where each rank runs (multi-node placement, shown by the driver)
+        sink.push.remote({"event": "worker-start", "rank": rank, "world": world, "pid": os.getpid(),
+                          "node_id": ray.get_runtime_context().get_node_id()})
     device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     if not spec.use_gpu:
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
@@ -197,7 +200,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 # --------------------------------------------------------------------------- driver
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start a local Ray on loopback."""
+    """Connect to ``address`` (or RAY_ADDRESS), else start a local Ray on loopback.
+
+    A local Ray runs without its dashboard unless ``TRIEFLOW_RAY_DASHBOARD=1``; either way the
+    dashboard host is pinned to 127.0.0.1 (reach it from elsewhere through an SSH tunnel).
+    A local Ray is a one-node cluster, so its node address is made loopback too: Ray 2.60
+    otherwise resolves 127.0.0.1 to the host's first interface and listens on all interfaces
+    (GCS, raylet, workers, agents, the dashboard's metrics port). ``RAY_ENABLE_WINDOWS_OR_OSX_
+    CLUSTER=0`` is Ray's own single-machine switch (set it to 1 to opt out); Ray reads it at
+    import, so the already imported constant is set as well.
+    """
     import ray
     if ray.is_initialized():
         return
@@ -206,8 +218,12 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, runtime_env={"working_dir": str(ROOT),
                                                "excludes": [".venv", "runs", ".prefect", ".git"]})
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        dashboard = os.environ.get("TRIEFLOW_RAY_DASHBOARD", "").strip().lower() in ("1", "true", "yes", "on")
+        if os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0").strip().lower() in ("0", "false"):
+            from ray._private import ray_constants
+            ray_constants.ENABLE_RAY_CLUSTER = False  # node address 127.0.0.1: every socket on loopback
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
 
 
 def _progress_actor():
@@ -237,6 +253,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     history: list[dict] = field(default_factory=list)
+    placements: list[dict] = field(default_factory=list)  # one "worker-start" per (re)started rank
 
 
 def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_failures: int = 2,
@@ -271,9 +288,13 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
     th = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     th.start()
     history: list[dict] = []
+    placements: list[dict] = []
     while True:
         alive = th.is_alive()
         for item in ray.get(sink.drain.remote()):
+            if item.get("event") == "worker-start":
+                placements.append(item)
+                continue
             history.append(item)
             if on_progress:
                 on_progress(item)
@@ -288,7 +309,8 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
     rates = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
     return TrainResult(spec.run_name(), result.checkpoint.path, spec.steps,
                        float(result.metrics.get("loss", float("nan"))) if result.metrics else float("nan"),
-                       float(np.median(rates)) if rates else 0.0, time.perf_counter() - t0, history)
+                       float(np.median(rates)) if rates else 0.0, time.perf_counter() - t0, history,
+                       placements)
 
 
 def load_trained_model(checkpoint_dir: str | Path):
