@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from bench import emit
+
 from models.decoding import constrained_beam_search, greedy_unconstrained, unconstrained_beam_search
 from models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch
 from models.trie import KgTrie
@@ -107,11 +109,7 @@ def main() -> None:
     out["constrained_lookahead_qps"] = out["beam-lookahead-qps"]["median"]
     out["unconstrained_qps"] = out["beam-unconstrained-qps"]["median"]
     out["constraint_overhead"] = round(out["unconstrained_qps"] / out["constrained_qps"] - 1, 3)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Tokens = non-pad source + target tokens. The first ``warmup`` steps are not time
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,23 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import emit
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def prepared(data_dir: Path | None, work: Path) -> tuple[str, str]:
-    """Data + vocab directories (real KgCLUE when given, else a generated sample)."""
-    from tasks.kb import ingest_kb
-    from tasks.kgclue_data import discover, prepare, read_split
-    from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
-    from tasks.sample import write_sample
-    from tasks.vocab import build_vocab
-    files = discover(data_dir or write_sample(work / "sample", n_train=4000, n_dev=100, n_test=10))
-    prepare(files, work / "data")
-    rows = read_split(files["train"], "train").rows
-    write_kb_txt(build_triples(gold_triples(rows), MiniKbConfig("mini")), work / "kb.txt")
-    ingest_kb(work / "kb.txt", work / "kb")
-    build_vocab([r["question"] for r in rows], work / "kb", work / "vocab", "bench")
-    return str(work / "data"), str(work / "vocab")
 
 
 def plain_torch(spec, warmup: int, threads: int) -> dict:
@@ -90,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     from dataclasses import replace
 
     from models.seq2seq import PRESETS
+    from tasks.sample import prepare_training_set
     from tasks.train import TrainSpec
     cores = os.cpu_count() or 2
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir, vocab_dir = prepared(a.data_dir, Path(tmp))
+        data_dir, vocab_dir = map(str, prepare_training_set(tmp, a.data_dir, n_train=4000, n_dev=100, n_test=10))
         spec = TrainSpec(data_dir=data_dir, vocab_dir=vocab_dir, model=dict(PRESETS["tiny"]), steps=a.steps,
                          micro_batch=a.micro_batch, zero_stage=a.zero_stage, num_workers=2,
                          checkpoint_every=a.steps, seed=0)
@@ -111,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": round(torch_side["tokens_per_s"] / ray_side["tokens_per_s"], 3),
         "torch": torch_side, "ray_deepspeed": ray_side,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+    emit(result, a.json)
     return 0
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import emit
+
 ROOT = Path(__file__).resolve().parent.parent
 SCALES = {"full": 1.0, "small": 0.01}
 
@@ -211,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(MEASURES[a._measure[0]](*a._measure[1:])))
         return 0
     result = run(a.scale, a.work, a.baseline_triples, a.latency_keys)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+    emit(result, a.json)
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import flows  # noqa: F401  (embedded defaults before prefect is imported)
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -17,13 +16,13 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flows._cli import run_cli
 from tasks import reporting
-from tasks.kb import KbFormatError
-from tasks.kgclue_data import DataQualityError, discover
+from tasks.kgclue_data import discover
 from tasks.minikb import MiniKbConfig
 from tasks.sample import write_sample
 from tasks.steps import build_kb, build_trie_step, build_vocab_step, prepare_data
-from tasks.storage import IncompleteOutput, write_json_atomic
+from tasks.storage import write_json_atomic
 
 
 class DataPrepConfig(BaseModel):
@@ -134,50 +133,10 @@ def parse_args(argv: list[str] | None = None) -> DataPrepConfig:
                           kb_protocol=a.kb_protocol, seed=a.seed, max_bad_fraction=a.max_bad_fraction)
 
 
-# Errors that mean "fix the input or the parameters": the CLI prints their message (which names
-# the file, line, reason and fix) and exits 1, instead of a traceback. Anything else is a bug
-# and keeps its traceback.
-KNOWN_ERRORS = (DataQualityError, KbFormatError, IncompleteOutput, FileNotFoundError)
-
-
-def _quiet_prefect_shutdown() -> None:
-    """Send pending Prefect logs, then stop the temporary API server now rather than at exit.
-
-    Prefect stops its ephemeral server in an ``atexit`` hook that logs "Stopping temporary
-    server"; doing it here lets the CLI's own error message be the last thing on stderr.
-    """
-    with contextlib.suppress(Exception):
-        from prefect.logging.handlers import APILogWorker
-        APILogWorker.drain_all(timeout=5)  # every queued service (logs, events) sends now
-    with contextlib.suppress(Exception):
-        from prefect.server.api.server import SubprocessASGIServer
-        for server in list(SubprocessASGIServer._instances.values()):
-            server.stop()
-
-
-def cli_error(prog: str, err: BaseException) -> int:
-    """Print ``err`` as the last, one-paragraph stderr output of the CLI; return exit code 1."""
-    _quiet_prefect_shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-    return 1
-
-
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-    try:
-        cfg = parse_args(argv)
-    except ValidationError as e:
-        print(f"data-prep: invalid parameters:\n{e}", file=sys.stderr)
-        return 2
-    try:
-        metrics = data_prep(cfg)
-    except KNOWN_ERRORS as e:
-        return cli_error("data-prep", e)
-    print(f"data-prep: wrote {cfg.out / 'metrics.json'}: rows={metrics['rows']} "
-          f"quarantined={metrics['quarantined']} kb_triples={metrics['kb_triples']} trie_keys={metrics['trie_keys']}")
-    return 0
+    return run_cli("data-prep", parse_args, data_prep, argv, lambda cfg, m: (
+        f"data-prep: wrote {cfg.out / 'metrics.json'}: rows={m['rows']} quarantined={m['quarantined']} "
+        f"kb_triples={m['kb_triples']} trie_keys={m['trie_keys']}"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import flows  # noqa: F401  (embedded defaults before prefect is imported)
 import argparse
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flows._cli import run_cli
 from tasks import reporting
 from tasks.kgclue_data import prepare, read_split
 from tasks.minikb import MiniKbConfig
@@ -299,24 +299,16 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
                                 beam=a.beam, lookahead=not a.no_lookahead, seed=a.seed)
 
 
+def _stop_ray() -> None:
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-    try:
-        cfg = parse_args(argv)
-    except ValidationError as e:
-        print(f"kgclue-pipeline: invalid parameters:\n{e}", file=sys.stderr)
-        return 2
-    from flows.data_prep import KNOWN_ERRORS, cli_error
-    try:
-        metrics = kgclue_pipeline(cfg)
-    except KNOWN_ERRORS as e:
-        import ray
-        if ray.is_initialized():
-            ray.shutdown()
-        return cli_error("kgclue-pipeline", e)
-    print(f"kgclue-pipeline: Score {metrics['score']:.2f} (EM-O {metrics['em_o']:.2f}, F1-O {metrics['f1_o']:.2f}) "
-          f"on {metrics['n_eval']} {metrics['eval_set']} questions; wrote {cfg.out / 'metrics.json'}")
-    return 0
+    return run_cli("kgclue-pipeline", parse_args, kgclue_pipeline, argv, lambda cfg, m: (
+        f"kgclue-pipeline: Score {m['score']:.2f} (EM-O {m['em_o']:.2f}, F1-O {m['f1_o']:.2f}) on "
+        f"{m['n_eval']} {m['eval_set']} questions; wrote {cfg.out / 'metrics.json'}"), cleanup=_stop_ray)
 
 
 if __name__ == "__main__":

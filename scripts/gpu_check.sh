@@ -23,19 +23,12 @@ python3 - "$OUT" <<'PY'
 import json, sys, time
 from pathlib import Path
 out = Path(sys.argv[1])
-from tasks.kb import ingest_kb
-from tasks.kgclue_data import discover, prepare, read_split
-from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
-from tasks.sample import write_sample
-from tasks.vocab import build_vocab
+from tasks.sample import prepare_training_set
 from tasks.train import TrainSpec, train
 from models.seq2seq import PRESETS
-data = Path("shared/data/kgclue") if Path("shared/data/kgclue/train.json").is_file() else write_sample(out / "sample", 4000, 200, 10)
-files = discover(data); prepare(files, out / "data")
-rows = read_split(files["train"], "train").rows
-write_kb_txt(build_triples(gold_triples(rows), MiniKbConfig("mini")), out / "kb.txt")
-ingest_kb(out / "kb.txt", out / "kb"); build_vocab([r["question"] for r in rows], out / "kb", out / "vocab", "gpu")
-spec = TrainSpec(data_dir=str(out / "data"), vocab_dir=str(out / "vocab"), model=dict(PRESETS["gpu"]), steps=300,
+kg = Path("shared/data/kgclue")
+data_dir, vocab_dir = prepare_training_set(out, kg if (kg / "train.json").is_file() else None, n_train=4000, n_dev=200)
+spec = TrainSpec(data_dir=str(data_dir), vocab_dir=str(vocab_dir), model=dict(PRESETS["gpu"]), steps=300,
                  micro_batch=128, lr=5e-4, warmup=30, zero_stage=2, num_workers=1, use_gpu=True, bf16=True,
                  checkpoint_every=300)
 t0 = time.time(); res = train(spec, str(out / "ray"))

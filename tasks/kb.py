@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from models.trie import Utf8Table
 from tasks.kgclue_data import Bad, all_lines_bad, file_problem, normalize_object, split_subject
-from tasks.storage import atomic_path, read_manifest, sha256_file, write_manifest
+from tasks.storage import atomic_path, read_manifest, reusable, sha256_file, write_manifest
 
 SCHEMA_VERSION = 1
 KB_SCHEMA = pa.schema([("subject", pa.string()), ("disambiguation", pa.string()),
@@ -171,13 +171,8 @@ def ingest_kb(kb_path: str | Path, out_dir: str | Path, chunk_bytes: int = 64 <<
         raise KbFormatError(f"{kb_path}: no usable triple: {problem}. The KB format is UTF-8 text, one "
                             f"head\\trelation\\ttail triple per line.")
     src_sha = sha256_file(kb_path)
-    try:
-        manifest = read_manifest(out_dir)
-        if manifest.get("source_sha256") == src_sha and manifest.get("schema_version") == SCHEMA_VERSION:
-            return manifest
-    except Exception:  # noqa: BLE001 - rebuild
-        pass
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    if (manifest := reusable(out_dir, source_sha256=src_sha, schema_version=SCHEMA_VERSION)) is not None:
+        return manifest
     out_dir.mkdir(parents=True, exist_ok=True)
     bad: list[Bad] = []
     lines_in = rows_out = fast_chunks = slow_chunks = 0

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.storage import atomic_path, read_manifest, sha256_file, write_manifest
+from tasks.storage import atomic_path, read_manifest, reusable, sha256_file, write_manifest
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "dev", "test_public", "test")
@@ -255,13 +255,8 @@ def prepare(files: dict[str, Path], out_dir: Path, max_bad_fraction: float = 0.0
         if not Path(p).is_file():
             raise FileNotFoundError(f"{p}: no such KgCLUE file (split '{split}'); check --data-dir / --labelled")
     key = fingerprint(files, max_bad_fraction=max_bad_fraction, schema_version=SCHEMA_VERSION)
-    try:
-        manifest = read_manifest(out_dir)
-        if manifest.get("inputs_sha256") == key:
-            return manifest
-    except Exception:  # noqa: BLE001 - anything short of a valid manifest means rebuild
-        pass
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    if (manifest := reusable(out_dir, inputs_sha256=key)) is not None:
+        return manifest
     problems = {split: file_problem(Path(p)) for split, p in files.items()}
     results = [read_split(Path(p), split) for split, p in files.items() if not problems[split]]
     quarantine = [b.record() for r in results for b in r.bad]

@@ -52,3 +52,24 @@ def write_sample(out_dir: str | Path, n_train: int = 800, n_dev: int = 120, n_te
         atomic_write_text(out_dir / f"{name}.json",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return out_dir
+
+
+def prepare_training_set(root: str | Path, data_dir: str | Path | None = None, n_train: int = 400,
+                         n_dev: int = 40, n_test: int = 10, k: int = 6) -> tuple[Path, Path]:
+    """Data + mini-KB + vocabulary under ``root`` (KgCLUE files when given, else a sample).
+
+    The quickest complete input for a training run (tests, benchmarks, smoke checks); returns
+    (prepared data directory, vocabulary directory).
+    """
+    from tasks.kb import ingest_kb
+    from tasks.kgclue_data import discover, prepare, read_split
+    from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
+    from tasks.vocab import build_vocab
+    root = Path(root)
+    files = discover(Path(data_dir) if data_dir else write_sample(root / "sample", n_train, n_dev, n_test))
+    prepare(files, root / "data")
+    rows = read_split(files["train"], "train").rows
+    write_kb_txt(build_triples(gold_triples(rows), MiniKbConfig("mini", k=k)), root / "kb.txt")
+    ingest_kb(root / "kb.txt", root / "kb")
+    build_vocab([r["question"] for r in rows], root / "kb", root / "vocab", "prepare_training_set")
+    return root / "data", root / "vocab"

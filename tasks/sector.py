@@ -17,6 +17,7 @@ import numpy as np
 import ray
 
 from models.sector import TAU, is_certain, sector_mc_count, sector_prob, sector_prob_exact
+from tasks import ray_runtime
 
 BLOCK_SAMPLES = 1 << 20  # point-sets per seeded block: the unit of work and of reproducibility
 
@@ -73,12 +74,8 @@ def _warm() -> int:
 
 
 def ensure_ray(ray_address: str | None = None) -> int:
-    """ray.init if needed (local: all cores, no dashboard); return the cluster's CPU count."""
-    if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    """Start or join Ray (tasks.ray_runtime: loopback-only when local); return its CPU count."""
+    ray_runtime.ensure_ray(ray_address)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

@@ -20,7 +20,7 @@ from tasks import reporting
 from tasks.kb import ingest_kb
 from tasks.kgclue_data import prepare
 from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
-from tasks.storage import read_manifest
+from tasks.storage import read_manifest, reusable, write_manifest
 from tasks.trie_build import build_trie_index
 from tasks.vocab import build_vocab
 
@@ -100,13 +100,9 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
     logger = get_run_logger()
     spec = TrainSpec(**{**spec_dict, "splits": tuple(spec_dict["splits"])})
     name = spec.run_name()
-    try:
-        m = read_manifest(model_out)
-        if m.get("run_name") == name:
-            logger.info("train-seq2seq: %s already trained (%s); not recomputed", name, model_out)
-            return m
-    except Exception:  # noqa: BLE001 - train
-        pass
+    if (done := reusable(model_out, run_name=name)) is not None:
+        logger.info("train-seq2seq: %s already trained (%s); not recomputed", name, model_out)
+        return done
     pid = reporting.progress("train-progress", 0.0, f"{name}: starting Ray Train ({spec.num_workers} workers)")
 
     def on_progress(p: dict) -> None:
@@ -118,10 +114,8 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
     res = train(spec, storage, ray_address, max_failures, on_progress=on_progress)
     out = Path(model_out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
     for f in (MODEL_FILE, MODEL_CONFIG):
         shutil.copyfile(Path(res.checkpoint_dir) / f, out / f)
-    from tasks.storage import write_manifest
     manifest = write_manifest(out, [MODEL_FILE, MODEL_CONFIG], run_name=name, steps=res.steps,
                               final_loss=res.final_loss, tokens_per_s=res.tokens_per_s, train_wall_s=res.wall_s,
                               checkpoint=res.checkpoint_dir, spec=spec_dict)

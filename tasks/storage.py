@@ -174,10 +174,15 @@ def read_manifest(directory: str | os.PathLike, verify_hashes: bool = False) -> 
     return manifest
 
 
-def is_complete(directory: str | os.PathLike, **expect: Any) -> bool:
-    """True when ``directory`` has a valid manifest whose fields equal ``expect``."""
+def reusable(directory: str | os.PathLike, **expect: Any) -> dict[str, Any] | None:
+    """A step's cache check: the manifest of ``directory`` when it is complete and its fields
+    equal ``expect`` (the same inputs); otherwise None, after removing a stale manifest so that
+    the directory reads as incomplete until the step has rewritten it."""
     try:
         manifest = read_manifest(directory)
+        if all(manifest.get(k) == v for k, v in expect.items()):
+            return manifest
     except IncompleteOutput:
-        return False
-    return all(manifest.get(k) == v for k, v in expect.items())
+        pass
+    (Path(directory) / MANIFEST).unlink(missing_ok=True)
+    return None

@@ -20,7 +20,7 @@ from models.kb_index import KbIndex
 from models.trie import KgTrie
 from models.vocab import CharVocab
 from tasks.kb import read_distinct, utf8_table
-from tasks.storage import atomic_path, atomic_write_text, read_manifest, write_manifest
+from tasks.storage import atomic_path, atomic_write_text, read_manifest, reusable, write_manifest
 from tasks.vocab import load_vocab
 
 SCHEMA_VERSION = 1
@@ -88,13 +88,8 @@ def build_trie_index(kb_dir: str | Path, vocab_dir: str | Path, out_dir: str | P
     vocab = load_vocab(vocab_dir)
     key = hashlib.sha256(json.dumps([kb_manifest["files"]["kb.parquet"]["sha256"], vocab.sha256,
                                      SCHEMA_VERSION]).encode()).hexdigest()
-    try:
-        manifest = read_manifest(out_dir)
-        if manifest.get("inputs_sha256") == key:
-            return manifest
-    except Exception:  # noqa: BLE001 - rebuild
-        pass
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    if (manifest := reusable(out_dir, inputs_sha256=key)) is not None:
+        return manifest
     values = {c: read_distinct(kb_dir, c) for c in ("subject", "predicate", "disambiguation")}
     n_rows = kb_manifest["files"]["kb.parquet"]["rows"]
     ids = _ids(kb_dir / "kb.parquet", n_rows, values)

@@ -9,7 +9,7 @@ import numpy as np
 from models.trie import codepoints
 from models.vocab import CharVocab
 from tasks.kb import read_distinct, utf8_table
-from tasks.storage import atomic_write_text, read_manifest, write_manifest
+from tasks.storage import atomic_write_text, read_manifest, reusable, write_manifest
 
 SCHEMA_VERSION = 1
 
@@ -21,13 +21,8 @@ def build_vocab(questions: Iterable[str], kb_dir: str | Path, out_dir: str | Pat
     Objects are not generated (they are looked up), so they do not enter the vocabulary.
     """
     out_dir = Path(out_dir)
-    try:
-        manifest = read_manifest(out_dir)
-        if manifest.get("inputs_sha256") == inputs_sha256:
-            return manifest
-    except Exception:  # noqa: BLE001 - rebuild
-        pass
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    if (manifest := reusable(out_dir, inputs_sha256=inputs_sha256)) is not None:
+        return manifest
     chars: set[str] = set()
     for q in questions:
         chars.update(q)

@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from models.seq2seq import PRESETS
-from tasks.kb import ingest_kb
-from tasks.kgclue_data import discover, prepare, read_split
-from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
-from tasks.sample import write_sample
+from tasks.sample import prepare_training_set
 from tasks.train import TrainSpec, load_trained_model, train
-from tasks.vocab import build_vocab
 
 SMALL = dict(PRESETS["tiny"], d_model=64, d_ff=128, n_head=4, n_layer_enc=1, n_layer_dec=1)
 
@@ -20,12 +16,7 @@ SMALL = dict(PRESETS["tiny"], d_model=64, d_ff=128, n_head=4, n_layer_enc=1, n_l
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainrun")
-    files = discover(write_sample(root / "sample", n_train=400, n_dev=40, n_test=10))
-    prepare(files, root / "data")
-    rows = read_split(files["train"], "train").rows
-    write_kb_txt(build_triples(gold_triples(rows), MiniKbConfig("mini", k=2)), root / "kb.txt")
-    ingest_kb(root / "kb.txt", root / "kb")
-    build_vocab([r["question"] for r in rows], root / "kb", root / "vocab", "test")
+    prepare_training_set(root, n_train=400, n_dev=40, n_test=10, k=2)
     return root
 
 

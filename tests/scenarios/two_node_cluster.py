@@ -19,21 +19,12 @@ def main(workdir: str) -> dict:
     from ray.cluster_utils import Cluster
 
     from models.seq2seq import PRESETS
-    from tasks.kb import ingest_kb
-    from tasks.kgclue_data import discover, prepare, read_split
-    from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
-    from tasks.sample import write_sample
+    from tasks.sample import prepare_training_set
     from tasks.sector import run_grid
     from tasks.train import TrainSpec, train
-    from tasks.vocab import build_vocab
 
     root = Path(workdir)
-    files = discover(write_sample(root / "sample", n_train=200, n_dev=20, n_test=5))
-    prepare(files, root / "data")
-    rows = read_split(files["train"], "train").rows
-    write_kb_txt(build_triples(gold_triples(rows), MiniKbConfig("mini", k=2)), root / "kb.txt")
-    ingest_kb(root / "kb.txt", root / "kb")
-    build_vocab([r["question"] for r in rows], root / "kb", root / "vocab", "cluster")
+    prepare_training_set(root, n_train=200, n_dev=20, n_test=5, k=2)
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)

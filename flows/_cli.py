@@ -1,0 +1,63 @@
+"""The flows' command lines: one way to validate parameters, run, and report errors.
+
+Exit codes: 0 done, 1 an input or parameter problem the user must fix (our own message, naming
+the file, line, reason and fix, is the last stderr output), 2 invalid parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Callable
+
+from tasks.kb import KbFormatError
+from tasks.kgclue_data import DataQualityError
+from tasks.storage import IncompleteOutput
+
+# Errors that mean "fix the input or the parameters": the CLI prints their message (which names
+# the file, line, reason and fix) and exits 1, instead of a traceback. Anything else is a bug
+# and keeps its traceback.
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (DataQualityError, KbFormatError, IncompleteOutput, FileNotFoundError)
+
+
+def _quiet_prefect_shutdown() -> None:
+    """Send pending Prefect logs, then stop the temporary API server now rather than at exit.
+
+    Prefect stops its ephemeral server in an ``atexit`` hook that logs "Stopping temporary
+    server"; doing it here lets the CLI's own error message be the last thing on stderr.
+    """
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+        APILogWorker.drain_all(timeout=5)  # every queued service (logs, events) sends now
+    with contextlib.suppress(Exception):
+        from prefect.server.api.server import SubprocessASGIServer
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+
+
+def cli_error(prog: str, err: BaseException) -> int:
+    """Print ``err`` as the last, one-paragraph stderr output of the CLI; return exit code 1."""
+    _quiet_prefect_shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+    return 1
+
+
+def run_cli(prog: str, parse: Callable[[list[str] | None], Any], run: Callable[[Any], dict],
+            argv: list[str] | None, summary: Callable[[Any, dict], str],
+            cleanup: Callable[[], None] | None = None) -> int:
+    """Parse ``argv`` into a config (exit 2 if invalid), run the flow, print ``summary``."""
+    from pydantic import ValidationError
+    try:
+        cfg = parse(argv)
+    except ValidationError as e:
+        print(f"{prog}: invalid parameters:\n{e}", file=sys.stderr)
+        return 2
+    try:
+        metrics = run(cfg)
+    except KNOWN_ERRORS as e:
+        if cleanup:
+            cleanup()
+        return cli_error(prog, e)
+    print(summary(cfg, metrics))
+    return 0
