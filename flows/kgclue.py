@@ -163,6 +163,18 @@ def ray_host_port(address: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
+def versions() -> dict[str, str]:
+    """The stack this run used (for the report)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "ray", "deepspeed", "prefect", "pyarrow", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "-"
+    return out
+
+
 def _data_stages(cfg: KgcluePipelineConfig, vocab_dir: str) -> dict:
     """prepare_data -> build_kb -> build_vocab (unless reusing a run's) -> build_trie."""
     from flows.data_prep import DataPrepConfig, input_files
@@ -266,8 +278,9 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
         "## Data", reporting.md_table([{"split": s, **{k: v for k, v in m.items() if k != "source"}}
                                        for s, m in stages["data"]["splits"].items()]),
         f"vocab sha256 `{stages['vocab']['vocab_sha256'][:16]}…`, KB source sha256 "
-        f"`{stages['kb']['source_sha256'][:16]}…`, trie keys {stages['trie']['keys']:,}",
-    ]), "Metrics, config and data hashes of this run")
+        f"`{stages['kb']['source_sha256'][:16]}…`, trie keys {stages['trie']['keys']:,}", "",
+        "## Versions", reporting.md_table([versions()]),
+    ]), "Metrics, config, data hashes and versions of this run")
     logger.info("kgclue-pipeline: %s", json.dumps(metrics, ensure_ascii=False))
     return metrics
 
