@@ -1,0 +1,51 @@
+"""Export one Ray Train checkpoint of a kgclue-pipeline run for ``--from-run`` evaluation.
+
+    python scripts/export_checkpoint.py RUN_OUT DEST [--step N]
+
+RUN_OUT is a kgclue-pipeline ``--out`` whose training is still going (or was cut short);
+DEST gets ``model/`` (with its manifest) and ``vocab/``, so that
+``python -m flows.kgclue --from-run DEST ...`` scores that checkpoint without training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tasks.storage import write_manifest  # noqa: E402
+from tasks.train import MODEL_CONFIG, MODEL_FILE  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_out", type=Path)
+    ap.add_argument("dest", type=Path)
+    ap.add_argument("--step", type=int, help="default: the latest checkpoint")
+    a = ap.parse_args(argv)
+    snaps = sorted((a.run_out / "ray").glob("*/checkpoint_manager_snapshot.json"))
+    if len(snaps) != 1:
+        ap.error(f"{a.run_out}/ray: expected one training run, found {len(snaps)}")
+    snap = json.loads(snaps[0].read_text())
+    results = snap["checkpoint_results"]
+    pick = [r for r in results if a.step is None or r["metrics"]["step"] == a.step]
+    if not pick:
+        ap.error(f"no checkpoint at step {a.step}; have {[r['metrics']['step'] for r in results]}")
+    chosen = max(pick, key=lambda r: r["metrics"]["step"])
+    ckpt = snaps[0].parent / chosen["checkpoint_dir_name"]
+    (a.dest / "model").mkdir(parents=True, exist_ok=True)
+    for f in (MODEL_FILE, MODEL_CONFIG):
+        shutil.copyfile(ckpt / f, a.dest / "model" / f)
+    shutil.copytree(a.run_out / "vocab", a.dest / "vocab", dirs_exist_ok=True)
+    write_manifest(a.dest / "model", [MODEL_FILE, MODEL_CONFIG], run_name=snaps[0].parent.name,
+                   steps=chosen["metrics"]["step"], final_loss=chosen["metrics"]["loss"], checkpoint=str(ckpt),
+                   tokens_per_s=None)
+    print(f"exported {snaps[0].parent.name} step {chosen['metrics']['step']} -> {a.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
