@@ -37,6 +37,9 @@ OUR_EXCEPTIONS = ("tasks.kgclue_data.DataQualityError", "tasks.kb.KbFormatError"
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| ")
 
 
+from flows._env import DEFAULTS as ENV_DEFAULTS  # noqa: E402
+
+
 # ----------------------------------------------------------------------------- helpers
 def short_tmp(prefix: str) -> Path:
     """A short path under /tmp: Ray's unix sockets live under RAY_TMPDIR (108-byte limit)."""
@@ -46,17 +49,8 @@ def short_tmp(prefix: str) -> Path:
 def proc_env(prefect_home: Path, api_url: str | None = None, ray_tmp: Path | None = None,
              tag: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_", "TRIEFLOW_"))}
-    env.update({
-        "PYTHONPATH": str(ROOT),
-        "PREFECT_HOME": str(prefect_home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "DS_ACCELERATOR": "cpu",
-        TAG: tag or uuid.uuid4().hex,
-    })
+    env.update(ENV_DEFAULTS)  # the flows' embedded defaults, then this run's own home and tag
+    env.update({"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(prefect_home), TAG: tag or uuid.uuid4().hex})
     if api_url:
         env["PREFECT_API_URL"] = api_url
     if ray_tmp:
