@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -205,8 +206,7 @@ def _train_spec(cfg: KgcluePipelineConfig, vocab_dir: str) -> dict:
 
 def _eval_rows(cfg: KgcluePipelineConfig) -> tuple[str, list[dict]]:
     if cfg.eval_file is None:
-        rows = [r for r in __import__("pyarrow.parquet", fromlist=["x"]).read_table(
-            cfg.out / "data" / "dev.parquet").to_pylist()]
+        rows = pq.read_table(cfg.out / "data" / "dev.parquet").to_pylist()
         name = "dev"
     else:
         prepare({"eval": cfg.eval_file}, cfg.out / "eval_data")
@@ -249,7 +249,7 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
     m_eval = evaluate_step(model_dir, vocab_dir, str(out / "trie"), rows, eval_dir, name, config.beam, config.lookahead)
     test_rows = []
     if (out / "data" / "test.parquet").is_file():
-        test_rows = __import__("pyarrow.parquet", fromlist=["x"]).read_table(out / "data" / "test.parquet").to_pylist()
+        test_rows = pq.read_table(out / "data" / "test.parquet").to_pylist()
         limit = config.preset_values()["test_limit"]
         test_rows = test_rows[:limit] if limit else test_rows
     if test_rows:

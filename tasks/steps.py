@@ -7,6 +7,7 @@ result cache is off.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import time
 from pathlib import Path
@@ -135,7 +136,7 @@ def evaluate_step(model_dir: str, vocab_dir: str, trie_dir: str, rows: list[dict
     from tasks.trie_build import load_trie_index
     from tasks.vocab import load_vocab
     logger = get_run_logger()
-    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     vocab = load_vocab(vocab_dir)
     trie, index = load_trie_index(trie_dir, vocab)
     model = load_trained_model(model_dir)
