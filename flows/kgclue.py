@@ -36,7 +36,7 @@ from tasks.storage import read_manifest, write_json_atomic
 PRESETS = {
     #        model preset, steps, micro batch/worker, lr, warmup, dev questions evaluated (None: all)
     "tiny": dict(model="tiny", steps=600, micro_batch=32, lr=2e-3, warmup=30, eval_limit=None, test_limit=None),
-    "base": dict(model="base", steps=8000, micro_batch=32, lr=1e-3, warmup=300, eval_limit=None, test_limit=None),
+    "base": dict(model="base", steps=1200, micro_batch=32, lr=1e-3, warmup=100, eval_limit=None, test_limit=None),
 }
 METRIC_KEYS = ("score", "em_s", "em_p", "em_o", "em_all", "f1_s", "f1_p", "f1_o", "f1_all", "n_eval")
 

@@ -18,7 +18,7 @@ from models.vocab import PAD
 
 PRESETS: dict[str, dict[str, int | bool]] = {
     "tiny": dict(d_model=128, n_head=4, n_layer_enc=2, n_layer_dec=2, d_ff=512, copy_head=True),
-    "base": dict(d_model=256, n_head=8, n_layer_enc=3, n_layer_dec=3, d_ff=1024, copy_head=True),
+    "base": dict(d_model=256, n_head=8, n_layer_enc=3, n_layer_dec=3, d_ff=1024, dropout=0.1, copy_head=True),
     "gpu": dict(d_model=768, n_head=12, n_layer_enc=6, n_layer_dec=6, d_ff=3072, copy_head=True),
 }
 
