@@ -7,11 +7,31 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+from pydantic import AfterValidator
 
 from tasks.kb import KbFormatError
 from tasks.kgclue_data import DataQualityError
 from tasks.storage import IncompleteOutput
+
+def _dir(v: Path | None) -> Path | None:
+    if v is not None and not v.is_dir():
+        raise ValueError(f"{v} is not a directory (give KgCLUE's datasets/ folder, or omit it to use a "
+                         f"generated sample)")
+    return v
+
+
+def _file(v: Path | None) -> Path | None:
+    if v is not None and not v.is_file():
+        raise ValueError(f"{v}: no such file")
+    return v
+
+
+# Config field types shared by the flows: a path that must exist when given.
+DataDir = Annotated[Path | None, AfterValidator(_dir)]
+InputFile = Annotated[Path | None, AfterValidator(_file)]
 
 # Errors that mean "fix the input or the parameters": the CLI prints their message (which names
 # the file, line, reason and fix) and exits 1, instead of a traceback. Anything else is a bug

@@ -16,7 +16,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flows._cli import run_cli
+from flows._cli import DataDir, InputFile, run_cli
 from tasks import reporting
 from tasks.kgclue_data import discover
 from tasks.minikb import MiniKbConfig
@@ -30,8 +30,8 @@ class DataPrepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     out: Path
-    data_dir: Path | None = Field(None, description="KgCLUE datasets/ folder; None: a generated sample")
-    kb: Path | None = Field(None, description="official-format KB (head\\trelation\\ttail); None: mini-KB")
+    data_dir: DataDir = Field(None, description="KgCLUE datasets/ folder; None: a generated sample")
+    kb: InputFile = Field(None, description="official-format KB (head\\trelation\\ttail); None: mini-KB")
     labelled: tuple[Path, ...] = Field((), description="labelled KgCLUE files for the mini-KB")
     kb_protocol: Literal["mini", "hard"] = "mini"
     kb_k: int = Field(6, ge=0, le=100)
@@ -39,21 +39,6 @@ class DataPrepConfig(BaseModel):
     seed: int = 0
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     kb_chunk_mib: int = Field(64, ge=1, le=4096)
-
-    @field_validator("data_dir")
-    @classmethod
-    def _dir_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_dir():
-            raise ValueError(f"{v} is not a directory (give KgCLUE's datasets/ folder, or omit it "
-                             f"to use a generated sample)")
-        return v
-
-    @field_validator("kb")
-    @classmethod
-    def _kb_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"{v}: no such file (the official knowledge.txt, or omit --kb)")
-        return v
 
     @field_validator("labelled")
     @classmethod

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flows._cli import run_cli
+from flows._cli import DataDir, InputFile, run_cli
 from tasks import reporting
 from tasks.kgclue_data import prepare, read_split
 from tasks.minikb import MiniKbConfig
@@ -47,10 +47,10 @@ class KgcluePipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     preset: Literal["tiny", "base"] = "tiny"
     out: Path = Path("runs/kgclue")
-    data_dir: Path | None = Field(None, description="KgCLUE datasets/ folder; None: a generated sample")
-    kb: Path | None = Field(None, description="official-format KB; None: the mini-KB protocol")
+    data_dir: DataDir = Field(None, description="KgCLUE datasets/ folder; None: a generated sample")
+    kb: InputFile = Field(None, description="official-format KB; None: the mini-KB protocol")
     kb_protocol: Literal["mini", "hard"] = "mini"
-    eval_file: Path | None = Field(None, description="a labelled KgCLUE-format file to score (default: dev)")
+    eval_file: InputFile = Field(None, description="a labelled KgCLUE-format file to score (default: dev)")
     from_run: Path | None = Field(None, description="evaluate this earlier run's model; no training")
     ray_address: str | None = Field(None, description="Ray cluster address; None: local Ray (or RAY_ADDRESS)")
     num_workers: int = Field(2, ge=1, le=1024)
@@ -65,20 +65,6 @@ class KgcluePipelineConfig(BaseModel):
     lookahead: bool = True
     seed: int = 0
     max_failures: int = Field(2, ge=0, le=100)
-
-    @field_validator("data_dir")
-    @classmethod
-    def _dir(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_dir():
-            raise ValueError(f"{v} is not a directory (KgCLUE's datasets/ folder, or omit it for a sample)")
-        return v
-
-    @field_validator("kb", "eval_file")
-    @classmethod
-    def _file(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"{v}: no such file")
-        return v
 
     @field_validator("from_run")
     @classmethod

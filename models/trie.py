@@ -325,9 +325,7 @@ class KgTrie:
         if state.phase == _PHASE_S:
             a, b = self._children(state.node)
             return np.asarray(self.s_label[a:b], dtype=np.int64)
-        if state.phase == _PHASE_P:
-            return _distinct(self._next_tokens(state))
-        if state.phase == _PHASE_M:
+        if state.phase in (_PHASE_P, _PHASE_M):
             return _distinct(self._next_tokens(state))
         return np.zeros(0, dtype=np.int64)
 
