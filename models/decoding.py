@@ -323,3 +323,87 @@ def greedy_unconstrained(model: torch.nn.Module, src_ids: torch.Tensor, src_mask
         end = np.flatnonzero(row == EOS)
         res.append(row[:end[0] + 1] if end.size else row[row != PAD])
     return res
+
+
+@torch.no_grad()
+def sequence_logprobs(model: torch.nn.Module, src_ids: Sequence[int], keys: Sequence[Sequence[int]],
+                      trie: KgTrie | None = None, lookahead: bool = False,
+                      max_completions: int = 2000) -> np.ndarray:
+    """Teacher-forced log-score of every key (tokens without BOS, ending in EOS) for one question.
+
+    ``trie=None``: the model's log p(key | question). With a trie, each step is renormalised
+    over the trie's allowed set and, with ``lookahead``, re-weighted as the beam search does
+    (:func:`weights_from_completions`), so a key gets the score the beam search would give it.
+    The encoder runs once and the decoder once over all keys: the generator scores a
+    re-ranker's whole candidate set exhaustively, where the beam kept only its top few.
+    """
+    if len(keys) == 0:
+        return np.zeros(0)
+    if lookahead and trie is None:
+        raise ValueError("lookahead needs a trie")
+    src = torch.as_tensor(list(src_ids), dtype=torch.long)[None]
+    mask = src != PAD
+    memory = model.encode(src, mask)
+    n, width = len(keys), max(len(k) for k in keys) + 1
+    tgt = torch.full((n, width), PAD, dtype=torch.long)
+    tgt[:, 0] = BOS
+    for i, k in enumerate(keys):
+        tgt[i, 1:len(k) + 1] = torch.as_tensor(np.asarray(k, dtype=np.int64))
+    out = model.decode(memory.expand(n, -1, -1), mask.expand(n, -1), tgt[:, :-1], src.expand(n, -1))
+    logp = torch.log_softmax(out.float(), dim=-1)  # (n, T, V)
+    if trie is None:
+        lp = logp.gather(2, tgt[:, 1:, None])[..., 0]
+        return (lp * (tgt[:, 1:] != PAD)).sum(1).double().numpy()
+    # Walk the keys as a trie of prefixes: the decoder is causal, so keys sharing a prefix share
+    # the distribution after it; each distinct prefix ("node") is normalised once, in one gather.
+    question = np.asarray(src_ids, dtype=np.int64)
+    node_of: dict[tuple[int, ...], int] = {}
+    node_row, node_pos, node_allowed, node_w = [], [], [], []
+    picks: list[list[tuple[int, int]]] = []  # per key: (node, token)
+    state_of: dict[tuple[int, ...], Any] = {(): trie.start()}
+    for i, k in enumerate(keys):
+        prefix, sep, path = (), False, []
+        for t, tok in enumerate(int(x) for x in k):
+            node = node_of.get(prefix)
+            if node is None:
+                state = state_of[prefix]
+                allowed = trie.allowed(state)
+                w = np.ones(allowed.size)
+                if lookahead and sep and allowed.size > 1:
+                    mat, _ = completion_matrix(trie, state, max_completions)
+                    w = weights_from_completions(mat, prefix, question, allowed)
+                node = node_of[prefix] = len(node_row)
+                node_row.append(i)
+                node_pos.append(t)
+                node_allowed.append(allowed)
+                node_w.append(w)
+            path.append((node, tok))
+            nxt = prefix + (tok,)
+            if t + 1 < len(k) and nxt not in state_of:
+                try:
+                    state_of[nxt] = trie.advance(state_of[prefix], tok)
+                except ValueError as e:  # ImpossibleState
+                    raise DecodingError(f"key {list(k)} leaves the trie at position {t}") from e
+            prefix = nxt
+            sep = sep or tok == SEP
+        picks.append(path)
+    sizes = np.fromiter((a.size for a in node_allowed), dtype=np.int64, count=len(node_allowed))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat_tok = np.concatenate(node_allowed).astype(np.int64)
+    flat_row = np.repeat(np.asarray(node_row), sizes)
+    flat_pos = np.repeat(np.asarray(node_pos), sizes)
+    v = logp[torch.from_numpy(flat_row), torch.from_numpy(flat_pos), torch.from_numpy(flat_tok)].double().numpy()
+    v = v / np.concatenate(node_w)
+    mx = np.maximum.reduceat(v, starts)
+    lse = mx + np.log(np.add.reduceat(np.exp(v - np.repeat(mx, sizes)), starts))
+    norm = v - np.repeat(lse, sizes)
+    totals = np.zeros(n)
+    for i, (k, path) in enumerate(zip(keys, picks)):
+        for t, (node, tok) in enumerate(path):
+            a = node_allowed[node]
+            j = int(np.searchsorted(a, tok))
+            if j >= a.size or a[j] != tok:
+                raise DecodingError(f"key {list(k)} leaves the trie at position {t}")
+            totals[i] += norm[starts[node] + j]
+    return totals
+
