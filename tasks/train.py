@@ -1,4 +1,7 @@
-"""Distributed seq2seq training: a Ray Train TorchTrainer whose workers run a DeepSpeed engine.
+"""Distributed training: a Ray Train TorchTrainer whose workers run a DeepSpeed engine.
+
+Two tasks share this path: ``seq2seq`` (the generator, models/seq2seq.py) and ``ranker``
+(the candidate re-ranker, models/ranker.py, on groups from tasks/ranker_data.py).
 
 * Same code on a laptop (``ray.init()`` local, CPU workers, gloo, fp32) and on a cluster
   (``ray_address``, GPU workers, NCCL, bf16); the ZeRO stage comes from the config.
@@ -21,7 +24,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +33,8 @@ import numpy as np
 from tasks.ray_runtime import ensure_ray  # noqa: F401  (re-exported: tasks.train.ensure_ray)
 
 MODEL_FILE, MODEL_CONFIG = "model.pt", "model_config.json"
+TASKS = ("seq2seq", "ranker")
+_LATER_FIELDS = ("task", "group", "cpu_bf16")  # left out of the run name at their defaults
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,21 @@ class TrainSpec:
     splits: tuple[str, ...] = ("train",)
     fail_at_step: int = -1        # fault injection (tests): raise at this step ...
     fail_marker: str = ""         # ... once: the first failure creates this file
+    task: str = "seq2seq"         # "seq2seq" (the generator) or "ranker" (the re-ranker)
+    group: int = 8                # ranker: candidates per question (the gold + group-1 negatives)
+    cpu_bf16: bool = False        # CPU workers: bf16 autocast in the forward (fp32 weights and optimizer)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"TrainSpec.task {self.task!r}: choose one of {TASKS}")
+        if self.task == "ranker" and self.group < 2:
+            raise ValueError(f"TrainSpec.group {self.group}: the ranker needs the gold and at least one negative")
 
     def run_name(self) -> str:
-        body = {k: v for k, v in asdict(self).items() if k not in ("fail_at_step", "fail_marker")}
-        return "seq2seq-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+        defaults = {f.name: f.default for f in fields(self)}
+        body = {k: v for k, v in asdict(self).items() if k not in ("fail_at_step", "fail_marker")
+                and not (k in _LATER_FIELDS and v == defaults[k])}  # older run names stay valid
+        return f"{self.task}-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
     def ds_config(self) -> dict:
         return {
@@ -119,14 +135,38 @@ def safe_checkpoint_engine(base_cls):
 
 
 # --------------------------------------------------------------------------- worker
+def _task_setup(spec: TrainSpec, device, rank: int):
+    """(model, training rows, batch maker(rows, step) -> (batch, tokens)) of the spec's task."""
+    import torch
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank
+    if spec.task == "ranker":
+        from models.ranker import Ranker, RankerConfig, make_ranker_batch
+        from tasks.ranker_data import load_ranker_data
+        data = load_ranker_data(spec.data_dir, spec.vocab_dir, spec.splits, max_src_len=spec.max_src_len)
+        model = Ranker(RankerConfig(**{**spec.model, "vocab_size": len(data.vocab)}))
+
+        def ranker_batch(rows, step):
+            rng = np.random.default_rng([spec.seed, step, rank])  # negatives: a function of (seed, step, rank)
+            batch = make_ranker_batch([c for i in rows for c in data.group(int(i), spec.group, rng)],
+                                      spec.group, device)
+            return batch, int(batch["mask"].sum())
+        return model, len(data), ranker_batch
+    from models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch
+    src, tgt, vocab_size = load_pairs(spec.data_dir, spec.vocab_dir, spec.splits, spec.max_src_len)
+    model = Seq2Seq(Seq2SeqConfig(**{**spec.model, "vocab_size": vocab_size}))
+
+    def seq2seq_batch(rows, step):
+        batch = make_batch([src[i] for i in rows], [tgt[i] for i in rows], device)
+        return batch, int((batch["tgt_ids"] != 0).sum() + batch["src_mask"].sum())
+    return model, len(src), seq2seq_batch
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import deepspeed
     import ray.train
     import torch
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    from models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch
 
     spec = TrainSpec(**{**config["spec"], "splits": tuple(config["spec"]["splits"])})
     sink = config.get("sink")
@@ -138,9 +178,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     if not spec.use_gpu:
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    src, tgt, vocab_size = load_pairs(spec.data_dir, spec.vocab_dir, spec.splits, spec.max_src_len)
-    torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    model = Seq2Seq(Seq2SeqConfig(**{**spec.model, "vocab_size": vocab_size}))
+    model, n_rows, make_step_batch = _task_setup(spec, device, rank)
+    autocast = bool(spec.cpu_bf16 and not spec.use_gpu)
 
     class WithLoss(torch.nn.Module):  # the engine's forward must return the loss
         def __init__(self, m):
@@ -148,7 +187,8 @@ def train_loop_per_worker(config: dict) -> None:
             self.model = m
 
         def forward(self, batch):
-            return self.model.loss(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return self.model.loss(batch)
 
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     total, warm = spec.steps, max(1, spec.warmup)
@@ -171,13 +211,13 @@ def train_loop_per_worker(config: dict) -> None:
             Path(spec.fail_marker).touch()
             raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
         torch.manual_seed(hash((spec.seed, step, rank)) & 0x7FFFFFFF)  # dropout stream per (step, rank)
-        rows = batch_indices(len(src), step, global_batch, spec.seed, rank, world)
-        batch = make_batch([src[i] for i in rows], [tgt[i] for i in rows], device)
+        rows = batch_indices(n_rows, step, global_batch, spec.seed, rank, world)
+        batch, n_tokens = make_step_batch(rows, step)
         loss = engine(batch)
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
-        tok_last += int((batch["tgt_ids"] != 0).sum() + batch["src_mask"].sum()) * world
+        tok_last += n_tokens * world
         done = step + 1
         if sink is not None and rank == 0 and (done % 5 == 0 or done == total):
             now = time.perf_counter()
@@ -288,12 +328,17 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
 
 
 def load_trained_model(checkpoint_dir: str | Path):
-    """The exported model of a checkpoint (``weights_only=True``), in eval mode."""
+    """The exported model of a checkpoint (``weights_only=True``), in eval mode: a Seq2Seq, or a
+    Ranker when its config says ``kind: ranker``."""
     import torch
 
-    from models.seq2seq import Seq2Seq, Seq2SeqConfig
     d = Path(checkpoint_dir)
-    cfg = Seq2SeqConfig(**json.loads((d / MODEL_CONFIG).read_text()))
-    model = Seq2Seq(cfg)
+    raw = json.loads((d / MODEL_CONFIG).read_text())
+    if raw.get("kind") == "ranker":
+        from models.ranker import Ranker, RankerConfig
+        model = Ranker(RankerConfig(**raw))
+    else:
+        from models.seq2seq import Seq2Seq, Seq2SeqConfig
+        model = Seq2Seq(Seq2SeqConfig(**raw))
     model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
     return model.eval()

@@ -60,3 +60,23 @@ def test_same_config_same_run_name_and_rerun_resumes_from_storage(ray_local, pre
     # a re-run of the same run (a Prefect retry after the driver died) finds its checkpoints
     again = train(replace(spec, steps=20), str(tmp_path))
     assert again.history == [] or again.history[0]["step"] > 5
+
+
+def test_ranker_trains_under_ray_deepspeed_with_bf16_autocast(ray_local, prepared, tmp_path):
+    from models.ranker import Ranker, RankerConfig
+    model = {k: v for k, v in RankerConfig(vocab_size=5, d_model=32, n_head=2, n_layer=1, d_ff=64).to_dict().items()
+             if k != "vocab_size"}
+    spec = TrainSpec(data_dir=str(prepared / "data"), vocab_dir=str(prepared / "vocab"), model=model, steps=30,
+                     micro_batch=8, lr=3e-3, warmup=5, num_workers=2, checkpoint_every=10, task="ranker", group=4,
+                     cpu_bf16=True)
+    assert spec.run_name().startswith("ranker-") and spec.run_name() != replace(spec, group=6).run_name()
+    seq = _spec(prepared)
+    assert seq.run_name().startswith("seq2seq-") and seq.run_name() != replace(seq, cpu_bf16=True).run_name()
+    with pytest.raises(ValueError, match="task"):
+        replace(seq, task="classifier")
+    res = train(spec, str(tmp_path))
+    losses = [h["loss"] for h in res.history]
+    assert [h["step"] for h in res.history][-1] == 30
+    assert losses[-1] < losses[0] - 0.2, losses
+    ranker = load_trained_model(res.checkpoint_dir)
+    assert isinstance(ranker, Ranker) and not ranker.training
