@@ -6,7 +6,8 @@ The KB is every answer triple of train+dev plus, per subject, ``--distractors`` 
 other triples (like the ``mini`` KB protocol; the 20M-triple knowledge.txt is not in the repo),
 the questions are dev questions, the model is an untrained ``tiny`` preset (decode cost does not
 depend on the weights, only the paths do). Baseline in the same run: unconstrained greedy.
-Prints one JSON object.
+With ``--run`` of a run that trained re-rankers, the second stage is measured too (questions/s of
+the whole predict step with and without it, same questions). Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=40)
     ap.add_argument("--json", type=Path, help="also write the result here")
     ap.add_argument("--run", type=Path, help="a finished kgclue-pipeline run: its trained model, vocab, trie, dev")
+    ap.add_argument("--kb-run", type=Path, help="with --run: take the trie and dev questions of this run "
+                                                "(e.g. its --from-run evaluation on the hard protocol)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.run:  # a trained model: beams end where the model puts EOS, as in real use
@@ -77,9 +80,10 @@ def main() -> None:
         from tasks.trie_build import load_trie_index
         from tasks.vocab import load_vocab
         vocab = load_vocab(args.run / "vocab")
-        trie, _ = load_trie_index(args.run / "trie", vocab)
+        kb_run = args.kb_run or args.run
+        trie, index = load_trie_index(kb_run / "trie", vocab)
         model = load_trained_model(args.run / "model")
-        dev = pq.read_table(args.run / "data" / "dev.parquet", columns=["question"])["question"].to_pylist()
+        dev = pq.read_table(kb_run / "data" / "dev.parquet", columns=["question"])["question"].to_pylist()
         qs = [vocab.encode(q)[:64] for q in dev[: args.n_questions]]
     else:  # an untrained model over a KB like the mini protocol's
         rows = load("train") + load("dev")
@@ -109,6 +113,18 @@ def main() -> None:
     out["constrained_lookahead_qps"] = out["beam-lookahead-qps"]["median"]
     out["unconstrained_qps"] = out["beam-unconstrained-qps"]["median"]
     out["constraint_overhead"] = round(out["unconstrained_qps"] / out["constrained_qps"] - 1, 3)
+    rankers = sorted(d for d in args.run.glob("ranker*") if (d / "manifest.json").is_file()) if args.run else []
+    if rankers:  # the second stage, end to end (beam + look-ahead + re-ranking + KB lookup) vs without
+        from tasks.evaluate import Reranker, predict
+        rr = Reranker(tuple(load_trained_model(d) for d in rankers))
+        texts = dev[: args.n_questions]
+        chunks = [texts[i:i + args.batch] for i in range(0, len(texts), args.batch)]
+        plain = lambda c: predict(model, trie, index, vocab, c, beam=args.beam)  # noqa: E731
+        ranked = lambda c: predict(model, trie, index, vocab, c, beam=args.beam, reranker=rr)  # noqa: E731
+        out["predict-lookahead-qps"] = qps(plain, chunks, len(texts), 1)
+        out["predict-reranked-qps"] = qps(ranked, chunks, len(texts), 1)
+        out["rankers"] = len(rankers)
+        out["reranked_qps"] = out["predict-reranked-qps"]["median"]
     emit(out, args.json)
 
 

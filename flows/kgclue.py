@@ -34,9 +34,12 @@ from tasks.steps import (build_kb, build_trie_step, build_vocab_step, evaluate_s
 from tasks.storage import read_manifest, write_json_atomic
 
 PRESETS = {
-    #        model preset, steps, micro batch/worker, lr, warmup, dev questions evaluated (None: all)
-    "tiny": dict(model="tiny", steps=600, micro_batch=32, lr=2e-3, warmup=30, eval_limit=None, test_limit=None),
-    "base": dict(model="base", steps=1200, micro_batch=32, lr=1e-3, warmup=100, eval_limit=None, test_limit=None),
+    #        model preset, steps, micro batch/worker, lr, warmup, dev questions evaluated (None: all),
+    #        re-ranker: steps, groups of candidates per worker and step, lr, ensemble size (seeds)
+    "tiny": dict(model="tiny", steps=600, micro_batch=32, lr=2e-3, warmup=30, eval_limit=None, test_limit=None,
+                 ranker_steps=300, ranker_micro_batch=16, ranker_lr=1e-3, rankers=1),
+    "base": dict(model="base", steps=1200, micro_batch=32, lr=1e-3, warmup=100, eval_limit=None, test_limit=None,
+                 ranker_steps=3000, ranker_micro_batch=16, ranker_lr=1e-3, rankers=3),
 }
 METRIC_KEYS = ("score", "em_s", "em_p", "em_o", "em_all", "f1_s", "f1_p", "f1_o", "f1_all", "n_eval")
 
@@ -63,6 +66,9 @@ class KgcluePipelineConfig(BaseModel):
         "micro_batch = global_batch / num_workers"))
     beam: int = Field(4, ge=1, le=64)
     lookahead: bool = True
+    rerank: bool = Field(True, description="train the candidate re-ranker and re-rank the beam's subjects' keys")
+    ranker_steps: int | None = Field(None, ge=1, description="override the preset's re-ranker training steps")
+    rankers: int | None = Field(None, ge=1, le=8, description="override the preset's re-ranker ensemble size")
     seed: int = 0
     max_failures: int = Field(2, ge=0, le=100)
 
@@ -125,6 +131,10 @@ class KgcluePipelineConfig(BaseModel):
         p = dict(PRESETS[self.preset])
         if self.steps is not None:
             p["steps"] = self.steps
+        if self.ranker_steps is not None:
+            p["ranker_steps"] = self.ranker_steps
+        if self.rankers is not None:
+            p["rankers"] = self.rankers
         if self.micro_batch is not None:
             p["micro_batch"] = self.micro_batch
         if self.global_batch is not None:
@@ -168,6 +178,10 @@ def _data_stages(cfg: KgcluePipelineConfig, vocab_dir: str) -> dict:
     out = cfg.out
     files, kb_splits = input_files(DataPrepConfig(out=out, data_dir=cfg.data_dir, kb=cfg.kb,
                                                   kb_protocol=cfg.kb_protocol, seed=cfg.seed))
+    if cfg.eval_file is not None and cfg.kb is None:
+        # the mini-KB holds every labelled answer: the eval file's too, or its gold keys would be missing
+        files["eval"] = str(cfg.eval_file)
+        kb_splits = [*kb_splits, "eval"]
     data_m = prepare_data(files, str(out / "data"), 0.01)
     kb_m = build_kb(str(out / "data"), str(out), str(cfg.kb) if cfg.kb else None, kb_splits,
                     MiniKbConfig(cfg.kb_protocol, seed=cfg.seed), 64 << 20, 0.01)
@@ -187,6 +201,23 @@ def _train_spec(cfg: KgcluePipelineConfig, vocab_dir: str) -> dict:
                      lr=p["lr"], warmup=p["warmup"], zero_stage=cfg.zero_stage, num_workers=cfg.num_workers,
                      use_gpu=cfg.use_gpu, bf16=cfg.use_gpu, seed=cfg.seed,
                      checkpoint_every=max(20, p["steps"] // 10))
+    return asdict(spec)
+
+
+def _ranker_spec(cfg: KgcluePipelineConfig, vocab_dir: str, member: int = 0) -> dict:
+    """The re-ranker's training spec; ensemble members differ only in their seed."""
+    from dataclasses import asdict
+
+    from models.ranker import RankerConfig
+    from tasks.train import TrainSpec
+    p = cfg.preset_values()
+    model = {k: v for k, v in RankerConfig(vocab_size=5).to_dict().items() if k != "vocab_size"}
+    spec = TrainSpec(data_dir=str((cfg.out / "data").resolve()), vocab_dir=str(Path(vocab_dir).resolve()),
+                     model=model, steps=p["ranker_steps"], micro_batch=p["ranker_micro_batch"], lr=p["ranker_lr"],
+                     warmup=min(100, max(1, p["ranker_steps"] // 10)), zero_stage=cfg.zero_stage,
+                     num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, bf16=cfg.use_gpu, seed=cfg.seed + member,
+                     checkpoint_every=max(20, p["ranker_steps"] // 10), task="ranker", group=8,
+                     cpu_bf16=not cfg.use_gpu)
     return asdict(spec)
 
 
@@ -220,8 +251,15 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if config.from_run:
         vocab_dir, model_dir = str(config.from_run / "vocab"), str(config.from_run / "model")
+        ranker_root = config.from_run
     else:
-        vocab_dir, model_dir = str(out / "vocab"), str(out / "model")
+        vocab_dir, model_dir, ranker_root = str(out / "vocab"), str(out / "model"), out
+    n_rankers = config.preset_values()["rankers"]
+    if config.from_run and config.rankers is None:  # every re-ranker the earlier run trained
+        n_rankers = 0
+        while (Path(ranker_root) / ("ranker" if n_rankers == 0 else f"ranker-{n_rankers}") / "manifest.json").is_file():
+            n_rankers += 1
+    ranker_dirs = [str(Path(ranker_root) / ("ranker" if i == 0 else f"ranker-{i}")) for i in range(n_rankers)]
     stages = _data_stages(config, vocab_dir)
     if config.from_run:
         model_m = read_manifest(model_dir)
@@ -229,10 +267,25 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
     else:
         model_m = train_step(_train_spec(config, vocab_dir), str((out / "ray").resolve()), model_dir,
                              config.ray_address, config.max_failures)
+    ranker_ms: list[dict] = []
+    if config.rerank and not config.from_run:
+        for i, d in enumerate(ranker_dirs):
+            ranker_ms.append(train_step.with_options(name="train-ranker")(
+                _ranker_spec(config, vocab_dir, i), str((out / "ray").resolve()), d, config.ray_address,
+                config.max_failures))
+    elif config.rerank:
+        found = [d for d in ranker_dirs if (Path(d) / "manifest.json").is_file()]
+        if not found:
+            logger.warning("kgclue-pipeline: %s has no trained re-ranker; evaluating the beam search alone",
+                           config.from_run)
+        ranker_dirs = found
+        ranker_ms = [read_manifest(d) for d in found]
+    ranker_arg = ranker_dirs if ranker_ms else None
     name, rows = _eval_rows(config)
     eval_dir = str(out / "eval")
     Path(eval_dir).mkdir(parents=True, exist_ok=True)
-    m_eval = evaluate_step(model_dir, vocab_dir, str(out / "trie"), rows, eval_dir, name, config.beam, config.lookahead)
+    m_eval = evaluate_step(model_dir, vocab_dir, str(out / "trie"), rows, eval_dir, name, config.beam, config.lookahead,
+                           ranker_dirs=ranker_arg)
     test_rows = []
     if (out / "data" / "test.parquet").is_file():
         test_rows = pq.read_table(out / "data" / "test.parquet").to_pylist()
@@ -240,13 +293,15 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
         test_rows = test_rows[:limit] if limit else test_rows
     if test_rows:
         evaluate_step(model_dir, vocab_dir, str(out / "trie"), test_rows, eval_dir, "kgclue", config.beam,
-                      config.lookahead)
+                      config.lookahead, ranker_dirs=ranker_arg)
     metrics = {k: m_eval[k] for k in METRIC_KEYS}
     metrics.update({
         "eval_set": name, "kb_protocol": "official" if config.kb else config.kb_protocol, "preset": config.preset,
         "train_tokens_per_s": model_m.get("tokens_per_s"), "train_steps": model_m.get("steps"),
         "final_loss": model_m.get("final_loss"), "run_name": model_m.get("run_name"),
         "decode_questions_per_s": m_eval["questions_per_s"], "beam": config.beam, "lookahead": config.lookahead,
+        "reranked": ranker_arg is not None, "ranker_run_names": [m.get("run_name") for m in ranker_ms],
+        "ranker_train_wall_s": round(sum(m.get("train_wall_s") or 0 for m in ranker_ms), 1),
         "kb_triples": stages["kb"]["triples"], "trie_keys": stages["trie"]["keys"],
         "vocab_sha256": stages["vocab"]["vocab_sha256"], "wall_s": round(time.perf_counter() - t0, 1),
     })
@@ -289,13 +344,17 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
     ap.add_argument("--global-batch", type=int, help="rows per step over all workers (sets --micro-batch)")
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--no-lookahead", action="store_true")
+    ap.add_argument("--no-rerank", action="store_true", help="skip the re-ranker (beam search alone)")
+    ap.add_argument("--ranker-steps", type=int, help="re-ranker training steps (default: the preset's)")
+    ap.add_argument("--rankers", type=int, help="re-ranker ensemble size (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     return KgcluePipelineConfig(preset=a.preset, out=a.out, data_dir=a.data_dir, kb=a.kb, kb_protocol=a.kb_protocol,
                                 eval_file=a.eval_file, from_run=a.from_run, ray_address=a.ray_address,
                                 num_workers=a.num_workers, zero_stage=a.zero_stage, use_gpu=a.use_gpu,
                                 steps=a.steps, micro_batch=a.micro_batch, global_batch=a.global_batch,
-                                beam=a.beam, lookahead=not a.no_lookahead, seed=a.seed)
+                                beam=a.beam, lookahead=not a.no_lookahead, rerank=not a.no_rerank,
+                                ranker_steps=a.ranker_steps, rankers=a.rankers, seed=a.seed)
 
 
 def _stop_ray() -> None:

@@ -15,9 +15,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from models.decoding import constrained_beam_search, greedy_unconstrained
+from models.decoding import Hypothesis, constrained_beam_search, greedy_unconstrained, sequence_logprobs
 from models.kb_index import KbIndex
-from models.metrics import score
+from models.metrics import normalize, score
+from models.ranker import encode_candidate, group_log_softmax, make_ranker_batch
 from models.seq2seq import make_batch
 from models.trie import KgTrie
 from models.vocab import EOS, SEP, CharVocab
@@ -52,15 +53,72 @@ def split_key(tokens: Sequence[int], vocab: CharVocab) -> tuple[str, str, str]:
     return tuple(vocab.decode(p) for p in parts)  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Reranker:
+    """Second stage after the beam search: every key of the beam's best subjects is scored by
+    the generator (exhaustively, with the beam's trie renormalisation and look-ahead) and by the
+    re-ranker (models/ranker.py); the key with the highest sum of the two log-softmaxes over
+    the candidate set wins (a product of the two experts, equal weights, nothing tuned). With
+    several re-rankers (an ensemble of seeds) their log-softmaxes are averaged first."""
+
+    models: tuple[torch.nn.Module, ...]  # models.ranker.Ranker, one or more
+    n_subjects: int = 2           # distinct subjects (base names) of the beam taken as candidates
+    max_candidates: int = 256     # cap per question (hub subjects of a full KB have thousands of keys)
+    lookahead: bool = True
+
+
+def candidate_keys(trie: KgTrie, hyps: Sequence[Hypothesis], n_subjects: int, max_candidates: int) -> np.ndarray:
+    """The beam's keys, then every other key of its first ``n_subjects`` distinct subjects, capped."""
+    subjects: list[int] = []
+    for h in hyps:
+        s = trie.key_parts(h.key_id)[0]
+        if s not in subjects:
+            subjects.append(s)
+    out = list(dict.fromkeys(h.key_id for h in hyps))
+    seen = set(out)
+    for s in subjects[:n_subjects]:
+        lo, hi = int(trie.spm_offsets[trie.sp_offsets[s]]), int(trie.spm_offsets[trie.sp_offsets[s + 1]])
+        for k in range(lo, hi):
+            if len(out) >= max_candidates:
+                return np.asarray(out, dtype=np.int64)
+            if k not in seen:
+                out.append(k)
+                seen.add(k)
+    return np.asarray(out, dtype=np.int64)
+
+
+@torch.no_grad()
+def rerank(generator: torch.nn.Module, reranker: Reranker, trie: KgTrie, index: KbIndex, vocab: CharVocab,
+           question: str, src_ids: Sequence[int], hyps: Sequence[Hypothesis]) -> tuple[int, float]:
+    """(key id, combined score) of the best candidate of one question (see :class:`Reranker`)."""
+    keys = candidate_keys(trie, hyps, reranker.n_subjects, reranker.max_candidates)
+    if len(keys) == 1:
+        return int(keys[0]), 0.0
+    toks = [trie.key_tokens(int(k)) for k in keys]
+    enc = []
+    for k, t in zip(keys, toks):
+        s, p, m = split_key(t, vocab)
+        objs = index.objects(int(k))
+        enc.append(encode_candidate(vocab, question, s, p, m, objs[0] if objs else ""))
+    batch = make_ranker_batch(enc)
+    zero = np.zeros(len(keys), dtype=np.int64)
+    r = np.mean([group_log_softmax(m.score(batch).double().numpy(), zero) for m in reranker.models], axis=0)
+    g = sequence_logprobs(generator, src_ids, toks, trie, lookahead=reranker.lookahead)
+    total = r + group_log_softmax(g, zero)
+    best = int(np.argmax(total))
+    return int(keys[best]), float(total[best])
+
+
 def encode_questions(questions: Sequence[str], vocab: CharVocab, max_src_len: int) -> list[list[int]]:
     return [vocab.encode(q)[:max_src_len] or [SEP] for q in questions]
 
 
 def predict(model: torch.nn.Module, trie: KgTrie, index: KbIndex, vocab: CharVocab, questions: Sequence[str],
             beam: int = 4, lookahead: bool = True, constrained: bool = True, batch_size: int = 64,
-            max_src_len: int = 64, max_len: int = 96,
+            max_src_len: int = 64, max_len: int = 96, reranker: Reranker | None = None,
             progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
-    """Answer every question: the best trie key, then its first KB object."""
+    """Answer every question: the best trie key (re-ranked when a reranker is given), then its
+    first KB object."""
     out: list[Prediction] = []
     src_all = encode_questions(questions, vocab, max_src_len)
     for a in range(0, len(src_all), batch_size):
@@ -68,14 +126,17 @@ def predict(model: torch.nn.Module, trie: KgTrie, index: KbIndex, vocab: CharVoc
         if constrained:
             hyps = constrained_beam_search(model, trie, batch["src_ids"], batch["src_mask"], beam_size=beam,
                                            max_len=max_len, lookahead=lookahead)
-            for hs in hyps:
+            for j, hs in enumerate(hyps):
                 if not hs:
                     out.append(Prediction("", "", ""))
                     continue
-                best = hs[0]
-                s, p, m = split_key(best.tokens, vocab)
-                objs = index.objects(best.key_id)
-                out.append(Prediction(join_subject(s, m), p, objs[0] if objs else "", best.key_id, best.score))
+                key, best_score = hs[0].key_id, hs[0].score
+                if reranker is not None:
+                    key, best_score = rerank(model, reranker, trie, index, vocab, questions[a + j],
+                                             src_all[a + j], hs)
+                s, p, m = split_key(trie.key_tokens(key), vocab)
+                objs = index.objects(key)
+                out.append(Prediction(join_subject(s, m), p, objs[0] if objs else "", key, best_score))
         else:
             for toks in greedy_unconstrained(model, batch["src_ids"], batch["src_mask"], max_len=max_len):
                 s, p, m = split_key(toks, vocab)
@@ -103,21 +164,21 @@ def write_predictions(path: Path, rows: list[dict], predictions: list[Prediction
 
 
 def run_eval(model, trie, index, vocab, rows: list[dict], out_dir: Path, name: str, beam: int = 4,
-             lookahead: bool = True, constrained: bool = True,
+             lookahead: bool = True, constrained: bool = True, reranker: Reranker | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Predict ``rows``; write predictions (+ metrics if labelled); return the metrics."""
     t0 = time.perf_counter()
     preds = predict(model, trie, index, vocab, [r["question"] for r in rows], beam=beam, lookahead=lookahead,
-                    constrained=constrained, progress=progress)
+                    constrained=constrained, reranker=reranker, progress=progress)
     wall = time.perf_counter() - t0
     write_predictions(out_dir / f"{name}_predict.json", rows, preds)
-    metrics: dict = {"n": len(rows), "decode_s": round(wall, 2),
+    metrics: dict = {"n": len(rows), "decode_s": round(wall, 2), "reranked": reranker is not None,
                      "questions_per_s": round(len(rows) / max(wall, 1e-9), 2)}
     if rows and rows[0].get("subject") is not None:
         metrics.update(evaluate_rows(rows, preds))
         errors = [{"id": r["id"], "question": r["question"], "gold": f"{join_subject(r['subject'], r['disambiguation'])}"
                    f" ||| {r['predicate']} ||| {r['object']}", "pred": p.answer()}
-                  for r, p in zip(rows, preds) if p.obj != r["object"]]
+                  for r, p in zip(rows, preds) if normalize(p.obj) != normalize(r["object"])]
         atomic_write_text(out_dir / f"{name}_errors.json", json.dumps(errors[:500], ensure_ascii=False, indent=1))
     write_json_atomic(out_dir / f"{name}_metrics.json", metrics)
     return metrics

@@ -94,7 +94,10 @@ def _transient(task, task_run, state) -> bool:
 @task(name="train-seq2seq", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str | None,
                max_failures: int = 2) -> dict[str, Any]:
-    """Ray Train + DeepSpeed; resumes the same run name after a crash; exports the model."""
+    """Ray Train + DeepSpeed; resumes the same run name after a crash; exports the model.
+
+    One task for both trainings: the flow names it ``train-ranker`` (``with_options``) for the
+    re-ranker, whose spec has ``task="ranker"``."""
     import shutil
 
     from tasks.train import MODEL_CONFIG, MODEL_FILE, TrainSpec, train
@@ -102,14 +105,15 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
     spec = TrainSpec(**{**spec_dict, "splits": tuple(spec_dict["splits"])})
     name = spec.run_name()
     if (done := reusable(model_out, run_name=name)) is not None:
-        logger.info("train-seq2seq: %s already trained (%s); not recomputed", name, model_out)
+        logger.info("train-%s: %s already trained (%s); not recomputed", spec.task, name, model_out)
         return done
-    pid = reporting.progress("train-progress", 0.0, f"{name}: starting Ray Train ({spec.num_workers} workers)")
+    key = "train-progress" if spec.task == "seq2seq" else f"train-{spec.task}-progress"
+    pid = reporting.progress(key, 0.0, f"{name}: starting Ray Train ({spec.num_workers} workers)")
 
     def on_progress(p: dict) -> None:
         desc = (f"step {p['step']}/{p['steps']} · loss {p['loss']:.4f} · {p['tokens_per_s']:,.0f} tokens/s · "
                 f"ETA {p['eta_s']:.0f}s")
-        logger.info("train-seq2seq: %s", desc)
+        logger.info("train-%s: %s", spec.task, desc)
         reporting.update_progress(pid, 100.0 * p["step"] / p["steps"], desc)
 
     res = train(spec, storage, ray_address, max_failures, on_progress=on_progress)
@@ -120,18 +124,20 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
     manifest = write_manifest(out, [MODEL_FILE, MODEL_CONFIG], run_name=name, steps=res.steps,
                               final_loss=res.final_loss, tokens_per_s=res.tokens_per_s, train_wall_s=res.wall_s,
                               checkpoint=res.checkpoint_dir, spec=spec_dict)
-    reporting.table("train-history", [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
+    reporting.table("train-history" if spec.task == "seq2seq" else f"train-{spec.task}-history", [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
                                       for h in res.history], f"Training of {name}: loss and tokens/s per 5 steps")
     return manifest
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_step(model_dir: str, vocab_dir: str, trie_dir: str, rows: list[dict], out_dir: str, name: str,
-                  beam: int, lookahead: bool, constrained: bool = True) -> dict[str, Any]:
-    """Beam search + KB lookup + official metrics for ``rows``; predictions on disk."""
+                  beam: int, lookahead: bool, constrained: bool = True,
+                  ranker_dirs: list[str] | None = None) -> dict[str, Any]:
+    """Beam search (+ re-ranking when ``ranker_dirs`` hold trained re-rankers) + KB lookup +
+    official metrics for ``rows``; predictions on disk."""
     import torch
 
-    from tasks.evaluate import run_eval
+    from tasks.evaluate import Reranker, run_eval
     from tasks.train import load_trained_model
     from tasks.trie_build import load_trie_index
     from tasks.vocab import load_vocab
@@ -140,12 +146,14 @@ def evaluate_step(model_dir: str, vocab_dir: str, trie_dir: str, rows: list[dict
     vocab = load_vocab(vocab_dir)
     trie, index = load_trie_index(trie_dir, vocab)
     model = load_trained_model(model_dir)
+    reranker = (Reranker(tuple(load_trained_model(d) for d in ranker_dirs), lookahead=lookahead)
+                if ranker_dirs else None)
     pid = reporting.progress(f"evaluate-{name.replace('_', '-')}", 0.0, f"decoding {len(rows)} questions")
 
     def progress(done: int, total: int) -> None:
         reporting.update_progress(pid, 100.0 * done / max(1, total), f"{done}/{total} questions decoded")
 
     metrics = run_eval(model, trie, index, vocab, rows, Path(out_dir), name, beam=beam, lookahead=lookahead,
-                       constrained=constrained, progress=progress)
+                       constrained=constrained, reranker=reranker, progress=progress)
     logger.info("evaluate %s: %s", name, metrics)
     return metrics

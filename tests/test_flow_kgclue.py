@@ -19,7 +19,7 @@ def sample(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(prefect_harness, ray_local, sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("kgrun")
-    cfg = KgcluePipelineConfig(preset="tiny", out=out, data_dir=sample, steps=40)
+    cfg = KgcluePipelineConfig(preset="tiny", out=out, data_dir=sample, steps=40, ranker_steps=20)
     return cfg, kgclue_pipeline(cfg)
 
 
@@ -28,6 +28,8 @@ def test_pipeline_writes_metrics_predictions_and_artifacts(first_run):
     assert set(METRIC_KEYS) <= set(metrics) and metrics["n_eval"] == 40
     assert json.loads((cfg.out / "metrics.json").read_text("utf-8")) == metrics
     assert 0 <= metrics["score"] <= 100 and metrics["train_tokens_per_s"] > 0
+    assert metrics["reranked"] is True and len(metrics["ranker_run_names"]) == 1  # tiny: one re-ranker
+    assert (cfg.out / "ranker" / "manifest.json").is_file()
     lines = (cfg.out / "eval" / "kgclue_predict.json").read_text("utf-8").splitlines()
     assert len(lines) == 20
     rec = json.loads(lines[0])
@@ -43,7 +45,7 @@ def test_pipeline_writes_metrics_predictions_and_artifacts(first_run):
 def test_rerun_recomputes_nothing(first_run):
     cfg, metrics = first_run
     stamp = {p: p.stat().st_mtime_ns for p in [cfg.out / "data" / "train.parquet", cfg.out / "trie" / "s_label.npy",
-                                                cfg.out / "model" / "model.pt"]}
+                                                cfg.out / "model" / "model.pt", cfg.out / "ranker" / "model.pt"]}
     t0 = time.perf_counter()
     again = kgclue_pipeline(cfg)
     assert {k: again[k] for k in METRIC_KEYS} == {k: metrics[k] for k in METRIC_KEYS}
@@ -63,6 +65,21 @@ def test_from_run_evaluates_against_another_kb_and_eval_file(first_run, sample, 
     assert m["run_name"] == json.loads((cfg.out / "model" / "manifest.json").read_text())["run_name"]
     assert not (out / "ray").exists() and not (out / "model").exists(), "no training with --from-run"
     assert m["kb_triples"] == 40
+
+
+def test_held_out_eval_file_joins_the_mini_kb(first_run, sample, tmp_path):
+    """--eval-file without --kb: the mini-KB holds the held-out answers too, so every gold key is
+    reachable; the earlier run's re-ranker scores it (no training)."""
+    cfg, _ = first_run
+    held = write_sample(tmp_path / "held", n_train=1, n_dev=30, n_test=1, seed=7) / "dev.json"
+    out = tmp_path / "held-run"
+    m = kgclue_pipeline(KgcluePipelineConfig(preset="tiny", out=out, data_dir=sample, eval_file=held,
+                                             from_run=cfg.out))
+    assert m["eval_set"] == "eval" and m["n_eval"] == 30 and m["reranked"] is True
+    kb = {tuple(x.split("\t")[:2]) for x in (out / "kb.txt").read_text("utf-8").splitlines()}
+    gold = [json.loads(x)["answer"].split(" ||| ")[:2] for x in held.read_text("utf-8").splitlines()]
+    assert all(tuple(g) in kb for g in gold)
+    assert not (out / "ray").exists() and not (out / "ranker").exists()
 
 
 def test_from_run_must_be_a_finished_run(tmp_path):

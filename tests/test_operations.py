@@ -554,7 +554,8 @@ def test_stack_runs_kgclue_tiny_deployment(stack: Stack, tmp_path):
     data = write_sample(tmp_path / "kgclue", n_train=60, n_dev=20, n_test=20)
     out = tmp_path / "kg"
     flow_run_id = stack.run_deployment("kgclue-pipeline/tiny", {"preset": "tiny", "out": str(out),
-                                                                "data_dir": str(data)}, timeout=360)
+                                                                "data_dir": str(data), "ranker_steps": 20},
+                                 timeout=360)
     run, arts, deployment = stack.flow_run_and_artifacts(flow_run_id)
     assert run.state is not None and run.state.is_completed(), run.state
     gcl = deployment.global_concurrency_limit  # prefect.yaml: concurrency_limit {limit: 1, ENQUEUE}

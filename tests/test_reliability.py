@@ -890,7 +890,7 @@ def test_flow_killed_during_training_resumes_from_its_checkpoint(server, tmp_pat
     tag = uuid.uuid4().hex
     env = proc_env(tmp_path / "ph", api_url=server.api, ray_tmp=ray_tmp, tag=tag)
     cmd = [PY, "-m", "flows.kgclue", "--preset", "tiny", "--out", str(out), "--steps", "120",
-           "--data-dir", str(data), "--beam", "2"]
+           "--ranker-steps", "10", "--data-dir", str(data), "--beam", "2"]
     watched = ["data/train.parquet", "kb/kb.parquet", "vocab/vocab.json", "trie/s_label.npy"]
     log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
     try:

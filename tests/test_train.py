@@ -66,8 +66,8 @@ def test_ranker_trains_under_ray_deepspeed_with_bf16_autocast(ray_local, prepare
     from models.ranker import Ranker, RankerConfig
     model = {k: v for k, v in RankerConfig(vocab_size=5, d_model=32, n_head=2, n_layer=1, d_ff=64).to_dict().items()
              if k != "vocab_size"}
-    spec = TrainSpec(data_dir=str(prepared / "data"), vocab_dir=str(prepared / "vocab"), model=model, steps=30,
-                     micro_batch=8, lr=3e-3, warmup=5, num_workers=2, checkpoint_every=10, task="ranker", group=4,
+    spec = TrainSpec(data_dir=str(prepared / "data"), vocab_dir=str(prepared / "vocab"), model=model, steps=60,
+                     micro_batch=8, lr=1e-2, warmup=5, num_workers=2, checkpoint_every=20, task="ranker", group=4,
                      cpu_bf16=True)
     assert spec.run_name().startswith("ranker-") and spec.run_name() != replace(spec, group=6).run_name()
     seq = _spec(prepared)
@@ -76,7 +76,7 @@ def test_ranker_trains_under_ray_deepspeed_with_bf16_autocast(ray_local, prepare
         replace(seq, task="classifier")
     res = train(spec, str(tmp_path))
     losses = [h["loss"] for h in res.history]
-    assert [h["step"] for h in res.history][-1] == 30
-    assert losses[-1] < losses[0] - 0.2, losses
+    assert [h["step"] for h in res.history][-1] == 60
+    assert losses[-1] < losses[0] - 0.3 and losses[0] > 1.2, losses  # from ~ln 4 (chance) down
     ranker = load_trained_model(res.checkpoint_dir)
     assert isinstance(ranker, Ranker) and not ranker.training
