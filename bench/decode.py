@@ -113,9 +113,10 @@ def main() -> None:
     out["constrained_lookahead_qps"] = out["beam-lookahead-qps"]["median"]
     out["unconstrained_qps"] = out["beam-unconstrained-qps"]["median"]
     out["constraint_overhead"] = round(out["unconstrained_qps"] / out["constrained_qps"] - 1, 3)
-    rankers = sorted(d for d in args.run.glob("ranker*") if (d / "manifest.json").is_file()) if args.run else []
+    from tasks.evaluate import Reranker, predict
+    from tasks.train import trained_ranker_dirs
+    rankers = trained_ranker_dirs(args.run) if args.run else []
     if rankers:  # the second stage, end to end (beam + look-ahead + re-ranking + KB lookup) vs without
-        from tasks.evaluate import Reranker, predict
         rr = Reranker(tuple(load_trained_model(d) for d in rankers))
         texts = dev[: args.n_questions]
         chunks = [texts[i:i + args.batch] for i in range(0, len(texts), args.batch)]

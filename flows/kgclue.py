@@ -27,11 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from flows._cli import DataDir, InputFile, run_cli
 from tasks import reporting
-from tasks.kgclue_data import prepare, read_split
 from tasks.minikb import MiniKbConfig
 from tasks.steps import (build_kb, build_trie_step, build_vocab_step, evaluate_step, prepare_data,
                          train_step)
 from tasks.storage import read_manifest, write_json_atomic
+from tasks.train import ranker_dir, trained_ranker_dirs
 
 PRESETS = {
     #        model preset, steps, micro batch/worker, lr, warmup, dev questions evaluated (None: all),
@@ -178,10 +178,10 @@ def _data_stages(cfg: KgcluePipelineConfig, vocab_dir: str) -> dict:
     out = cfg.out
     files, kb_splits = input_files(DataPrepConfig(out=out, data_dir=cfg.data_dir, kb=cfg.kb,
                                                   kb_protocol=cfg.kb_protocol, seed=cfg.seed))
-    if cfg.eval_file is not None and cfg.kb is None:
-        # the mini-KB holds every labelled answer: the eval file's too, or its gold keys would be missing
+    if cfg.eval_file is not None:  # validated and prepared with the other splits (data/eval.parquet)
         files["eval"] = str(cfg.eval_file)
-        kb_splits = [*kb_splits, "eval"]
+        if cfg.kb is None:  # the mini-KB holds every labelled answer: the eval file's too
+            kb_splits = [*kb_splits, "eval"]
     data_m = prepare_data(files, str(out / "data"), 0.01)
     kb_m = build_kb(str(out / "data"), str(out), str(cfg.kb) if cfg.kb else None, kb_splits,
                     MiniKbConfig(cfg.kb_protocol, seed=cfg.seed), 64 << 20, 0.01)
@@ -222,13 +222,8 @@ def _ranker_spec(cfg: KgcluePipelineConfig, vocab_dir: str, member: int = 0) -> 
 
 
 def _eval_rows(cfg: KgcluePipelineConfig) -> tuple[str, list[dict]]:
-    if cfg.eval_file is None:
-        rows = pq.read_table(cfg.out / "data" / "dev.parquet").to_pylist()
-        name = "dev"
-    else:
-        prepare({"eval": cfg.eval_file}, cfg.out / "eval_data")
-        rows = read_split(cfg.eval_file, "eval").rows
-        name = "eval"
+    name = "dev" if cfg.eval_file is None else "eval"
+    rows = pq.read_table(cfg.out / "data" / f"{name}.parquet").to_pylist()
     limit = cfg.preset_values()["eval_limit"]
     return name, rows[:limit] if limit else rows
 
@@ -256,10 +251,8 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
         vocab_dir, model_dir, ranker_root = str(out / "vocab"), str(out / "model"), out
     n_rankers = config.preset_values()["rankers"]
     if config.from_run and config.rankers is None:  # every re-ranker the earlier run trained
-        n_rankers = 0
-        while (Path(ranker_root) / ("ranker" if n_rankers == 0 else f"ranker-{n_rankers}") / "manifest.json").is_file():
-            n_rankers += 1
-    ranker_dirs = [str(Path(ranker_root) / ("ranker" if i == 0 else f"ranker-{i}")) for i in range(n_rankers)]
+        n_rankers = len(trained_ranker_dirs(ranker_root))
+    ranker_dirs = [str(ranker_dir(ranker_root, i)) for i in range(n_rankers)]
     stages = _data_stages(config, vocab_dir)
     if config.from_run:
         model_m = read_manifest(model_dir)

@@ -159,11 +159,8 @@ class Ranker(nn.Module):
         return F.cross_entropy(logits, torch.zeros(logits.size(0), dtype=torch.long, device=logits.device))
 
 
-def group_log_softmax(scores: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Log-softmax of ``scores`` within each run of equal ``groups`` labels (any order)."""
-    out = np.empty_like(scores, dtype=np.float64)
-    for g in np.unique(groups):
-        sel = groups == g
-        s = scores[sel].astype(np.float64)
-        out[sel] = s - (s.max() + np.log(np.exp(s - s.max()).sum()))
-    return out
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    """Log-softmax of one candidate set's scores (float64): an expert's log-probabilities."""
+    s = np.asarray(scores, dtype=np.float64)
+    m = s.max()
+    return s - (m + np.log(np.exp(s - m).sum()))

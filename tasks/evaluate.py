@@ -18,7 +18,7 @@ import torch
 from models.decoding import Hypothesis, constrained_beam_search, greedy_unconstrained, sequence_logprobs
 from models.kb_index import KbIndex
 from models.metrics import normalize, score
-from models.ranker import encode_candidate, group_log_softmax, make_ranker_batch
+from models.ranker import encode_candidate, log_softmax, make_ranker_batch
 from models.seq2seq import make_batch
 from models.trie import KgTrie
 from models.vocab import EOS, SEP, CharVocab
@@ -101,10 +101,9 @@ def rerank(generator: torch.nn.Module, reranker: Reranker, trie: KgTrie, index: 
         objs = index.objects(int(k))
         enc.append(encode_candidate(vocab, question, s, p, m, objs[0] if objs else ""))
     batch = make_ranker_batch(enc)
-    zero = np.zeros(len(keys), dtype=np.int64)
-    r = np.mean([group_log_softmax(m.score(batch).double().numpy(), zero) for m in reranker.models], axis=0)
+    r = np.mean([log_softmax(m.score(batch).double().numpy()) for m in reranker.models], axis=0)
     g = sequence_logprobs(generator, src_ids, toks, trie, lookahead=reranker.lookahead)
-    total = r + group_log_softmax(g, zero)
+    total = r + log_softmax(g)
     best = int(np.argmax(total))
     return int(keys[best]), float(total[best])
 

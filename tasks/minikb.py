@@ -71,7 +71,13 @@ def lcs_lengths(query: str, candidates: list[str], padded: np.ndarray) -> np.nda
     return prev[:, -1]
 
 
-def _pad(strings: list[str]) -> np.ndarray:
+def most_similar(query: str, strings: list[str], padded: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """Indices of ``strings`` (rows of ``padded``) by LCS with ``query``, longest first; equal
+    LCS ordered by ``ties`` (ascending)."""
+    return np.lexsort((ties, -lcs_lengths(query, strings, padded)))
+
+
+def pad_codepoints(strings: list[str]) -> np.ndarray:
     width = max((len(s) for s in strings), default=1)
     out = np.full((len(strings), width), -1, dtype=np.int64)
     for i, s in enumerate(strings):
@@ -91,13 +97,11 @@ def build_triples(gold: list[Triple], cfg: MiniKbConfig) -> list[Triple]:
         objects_of.setdefault(p, []).append(o)
     pool = sorted(set((p, o) for _, p, o in gold))
     similar_cache: dict[str, list[str]] = {}
-    padded = _pad(preds) if cfg.protocol == "hard" else None
+    padded = pad_codepoints(preds) if cfg.protocol == "hard" else None
 
     def similar(gold_pred: str, exclude: set[str]) -> list[str]:
         if gold_pred not in similar_cache:
-            lcs = lcs_lengths(gold_pred, preds, padded)
-            ties = rng.random(len(preds))
-            order = np.lexsort((ties, -lcs))
+            order = most_similar(gold_pred, preds, padded, rng.random(len(preds)))
             similar_cache[gold_pred] = [preds[i] for i in order]
         return [p for p in similar_cache[gold_pred] if p not in exclude][:cfg.k]
 

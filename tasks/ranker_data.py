@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from models.ranker import encode_candidate
-from tasks.minikb import _pad, lcs_lengths
+from tasks.minikb import most_similar, pad_codepoints
 
 
 @dataclass
@@ -105,11 +105,10 @@ def load_ranker_data(data_dir: str, vocab_dir: str, splits: tuple[str, ...] = ("
     predicates = sorted(objects_of)
     if len(predicates) < 2:
         raise ValueError(f"{data_dir}: the re-ranker needs at least 2 distinct predicates, found {len(predicates)}")
-    padded = _pad(predicates)
+    padded = pad_codepoints(predicates)
     similar: dict[str, list[str]] = {}
     for p in predicates:
-        lcs = lcs_lengths(p, predicates, padded)
-        order = np.lexsort((np.arange(len(predicates)), -lcs))
+        order = most_similar(p, predicates, padded, np.arange(len(predicates)))
         similar[p] = [predicates[j] for j in order if predicates[j] != p][:n_similar_pool]
     disamb = sorted({r["disambiguation"] for r in rows if r["disambiguation"]})
     return RankerData(rows, predicates, objects_of, disamb, similar, load_vocab(vocab_dir), max_src_len, max_obj_len)

@@ -327,6 +327,19 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
                        placements)
 
 
+def ranker_dir(run_dir: str | Path, member: int) -> Path:
+    """Where a run keeps re-ranker ``member`` of its ensemble (``ranker``, ``ranker-1``, ...)."""
+    return Path(run_dir) / ("ranker" if member == 0 else f"ranker-{member}")
+
+
+def trained_ranker_dirs(run_dir: str | Path) -> list[Path]:
+    """The re-rankers a run has finished, in member order (stops at the first one missing)."""
+    out: list[Path] = []
+    while (ranker_dir(run_dir, len(out)) / "manifest.json").is_file():
+        out.append(ranker_dir(run_dir, len(out)))
+    return out
+
+
 def load_trained_model(checkpoint_dir: str | Path):
     """The exported model of a checkpoint (``weights_only=True``), in eval mode: a Seq2Seq, or a
     Ranker when its config says ``kind: ranker``."""

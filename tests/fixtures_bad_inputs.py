@@ -57,19 +57,23 @@ def kg_line(i: int, subject: str | None = None, predicate: str | None = None, ob
 _DROP = object()
 
 
-def kg_file(n: int = 20, bad: dict[int, bytes] | None = None, nl: bytes = b"\n", final_nl: bool = True) -> bytes:
-    """``n`` good lines with ``bad`` {1-based line: raw bytes} inserted at those line numbers."""
+def _lines(good, n: int, bad: dict[int, bytes] | None, nl: bytes, final_nl: bool) -> bytes:
+    """``n`` lines ``good(i)`` with ``bad`` {1-based line: raw bytes} inserted at those line numbers."""
     bad = bad or {}
     out, i = [], 0
-    total = n + len(bad)
-    for no in range(1, total + 1):
+    for no in range(1, n + len(bad) + 1):
         if no in bad:
             out.append(bad[no])
         else:
-            out.append(kg_line(i))
+            out.append(good(i))
             i += 1
     body = nl.join(out)
     return body + nl if final_nl else body
+
+
+def kg_file(n: int = 20, bad: dict[int, bytes] | None = None, nl: bytes = b"\n", final_nl: bool = True) -> bytes:
+    """``n`` good KgCLUE lines with ``bad`` {1-based line: raw bytes} inserted at those line numbers."""
+    return _lines(kg_line, n, bad, nl, final_nl)
 
 
 def _kg_quarantine(name: str, what: str, raw: bytes, reason: str, at: int = 5, n: int = 20) -> Case:
@@ -168,16 +172,8 @@ def kb_line(i: int) -> bytes:
 
 
 def kb_file(n: int = 20, bad: dict[int, bytes] | None = None, nl: bytes = b"\n", final_nl: bool = True) -> bytes:
-    bad = bad or {}
-    out, i = [], 0
-    for no in range(1, n + len(bad) + 1):
-        if no in bad:
-            out.append(bad[no])
-        else:
-            out.append(kb_line(i))
-            i += 1
-    body = nl.join(out)
-    return body + nl if final_nl else body
+    """``n`` good KB triples with ``bad`` lines inserted, as :func:`kg_file`."""
+    return _lines(kb_line, n, bad, nl, final_nl)
 
 
 def _kb_quarantine(name: str, what: str, raw: bytes, reason: str, at: int = 5) -> Case:

@@ -129,7 +129,7 @@ def test_hard_kb_similar_predicates_and_homonyms(kgclue_dir):
     cfg = MiniKbConfig("hard", k=6, homonyms=2, seed=0)
     kb = build_triples(gold, cfg)
     preds = sorted({p for _, p, _ in gold})
-    from tasks.minikb import _pad
+    from tasks.minikb import pad_codepoints as _pad
     s0, g0, _ = sorted(gold)[0]
     mine = [p for s, p, _ in kb if s == s0 and p != g0]
     lcs = dict(zip(preds, lcs_lengths(g0, preds, _pad(preds))))
@@ -149,7 +149,7 @@ def test_lcs_lengths_matches_python():
             for j, y in enumerate(b):
                 dp[i + 1][j + 1] = dp[i][j] + 1 if x == y else max(dp[i][j + 1], dp[i + 1][j])
         return dp[-1][-1]
-    from tasks.minikb import _pad
+    from tasks.minikb import pad_codepoints as _pad
     rng = random.Random(3)
     cands = ["".join(rng.choice("主要讲课程成就") for _ in range(rng.randint(1, 7))) for _ in range(200)]
     for q in ["主讲课程", "主要成就", "课", "程课讲"]:

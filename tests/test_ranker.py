@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from models.decoding import constrained_beam_search, sequence_logprobs
-from models.kb_index import KbIndex
 from models.ranker import (SEG_M, SEG_O, SEG_P, SEG_Q, SEG_SUBJ, Ranker, RankerConfig, encode_candidate,
-                           group_log_softmax, lcs_len, make_ranker_batch, mask_subject)
-from models.trie import KgTrie
+                           lcs_len, log_softmax, make_ranker_batch, mask_subject)
 from models.vocab import BOS, EOS, SEP, UNK, CharVocab
 from tasks.evaluate import Reranker, candidate_keys, predict, rerank, split_key
 from tests.test_decoding import LOOKAHEAD_TRIPLES, build, random_kb, random_questions, tiny_model
@@ -40,13 +38,12 @@ def test_encode_candidate_layout() -> None:
     assert encode_candidate(vocab, "刘晓华", "刘晓华", "课", "", "")[0][:3] == [BOS, UNK, SEP]
 
 
-def test_group_log_softmax_per_group() -> None:
+def test_log_softmax_is_a_distribution_and_shift_invariant() -> None:
     s = np.array([0.0, 1.0, 5.0, 2.0, 2.0])
-    g = np.array([0, 0, 1, 1, 1])
-    out = group_log_softmax(s, g)
-    for k in (0, 1):
-        assert np.exp(out[g == k]).sum() == pytest.approx(1.0)
-    assert out[3] == pytest.approx(out[4])
+    out = log_softmax(s)
+    assert np.exp(out).sum() == pytest.approx(1.0)
+    assert out[3] == pytest.approx(out[4]) and int(np.argmax(out)) == 2
+    np.testing.assert_allclose(log_softmax(s + 1000.0), out)
 
 
 def test_training_groups_use_training_relations_only(tmp_path) -> None:
@@ -186,6 +183,5 @@ def test_predict_with_a_reranker_picks_the_best_combined_kb_key(tmp_path) -> Non
         with torch.no_grad():
             r = ranker.score(make_ranker_batch(enc)).double().numpy()
         g = sequence_logprobs(model, s_ids, toks, trie, lookahead=True)
-        z = np.zeros(len(keys), dtype=np.int64)
-        assert key == keys[int(np.argmax(group_log_softmax(r, z) + group_log_softmax(g, z)))]
+        assert key == keys[int(np.argmax(log_softmax(r) + log_softmax(g)))]
     assert len(plain) == len(preds) and all(p.key_id >= 0 for p in plain)
