@@ -27,21 +27,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def plain_torch(spec, warmup: int, threads: int) -> dict:
-    """The same loop as a Ray worker, in one process with ``threads`` threads."""
+    """The same loop as a Ray worker, in one process with ``threads`` threads, timed the same way
+    as the Ray side: tokens/s over windows of 5 steps, the median of the windows after warm-up."""
     import torch
 
     from models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch
-    from tasks.train import batch_indices, load_pairs
+    from tasks.adapters.seq2seq import load_pairs
+    from tasks.train import batch_indices
     torch.set_num_threads(threads)
     src, tgt, vocab_size = load_pairs(spec.data_dir, spec.vocab_dir, spec.splits, spec.max_src_len)
     torch.manual_seed(spec.seed)
     model = Seq2Seq(Seq2SeqConfig(**{**spec.model, "vocab_size": vocab_size})).train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     gb = spec.micro_batch * spec.num_workers
-    tokens, t0 = 0, None
+    tokens, t_last, windows = 0, time.perf_counter(), []
     for step in range(spec.steps):
-        if step == warmup:
-            tokens, t0 = 0, time.perf_counter()
         rows = batch_indices(len(src), step, gb, spec.seed, 0, 1)
         batch = make_batch([src[i] for i in rows], [tgt[i] for i in rows])
         loss = model.loss(batch)
@@ -50,8 +50,13 @@ def plain_torch(spec, warmup: int, threads: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += int((batch["tgt_ids"] != 0).sum() + batch["src_mask"].sum())
-    wall = time.perf_counter() - t0
-    return {"tokens_per_s": tokens / wall, "timed_steps": spec.steps - warmup, "final_loss": float(loss)}
+        if (step + 1) % 5 == 0:  # the Ray side's progress window (tasks/train.py)
+            now = time.perf_counter()
+            if step + 1 > warmup:
+                windows.append(tokens / (now - t_last))
+            tokens, t_last = 0, now
+    return {"tokens_per_s": float(np.median(windows)), "timed_steps": spec.steps - warmup, "final_loss": float(loss),
+            "windows": len(windows)}
 
 
 def ray_deepspeed(spec, warmup: int, storage: str) -> dict:
@@ -59,6 +64,7 @@ def ray_deepspeed(spec, warmup: int, storage: str) -> dict:
     res = train(spec, storage)
     hist = [h for h in res.history if h["step"] > warmup]
     return {"tokens_per_s": float(np.median([h["tokens_per_s"] for h in hist])), "timed_steps": spec.steps - warmup,
+            "windows": len(hist),
             "final_loss": res.final_loss, "wall_s_incl_startup": round(res.wall_s, 1)}
 
 
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.seq2seq import PRESETS
     from tasks.sample import prepare_training_set
+    from tasks.hw import cpu_label
     from tasks.train import TrainSpec
     cores = os.cpu_count() or 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "train_throughput", "model": "tiny (copy head)", "global_batch": a.micro_batch * 2,
         "zero_stage": a.zero_stage, "steps": a.steps, "warmup": a.warmup,
         "data": str(a.data_dir) if a.data_dir else "generated sample",
-        "machine": {"cpus": cores, "platform": platform.platform()},
+        "machine": {"cpus": cores, "platform": platform.platform(), "cpu": cpu_label()},
+        "timing": "median tokens/s over 5-step windows after warm-up, both sides",
         "torch_tokens_per_s": round(torch_side["tokens_per_s"], 1),
         "ray_deepspeed_tokens_per_s": round(ray_side["tokens_per_s"], 1),
         "torch_tokens_per_s_per_core": round(torch_side["tokens_per_s"] / cores, 1),

@@ -18,8 +18,9 @@ DEFAULTS = {
     "PREFECT_LOGGING_LEVEL": "INFO",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
-    "DS_ACCELERATOR": "cpu",
 }
+# DS_ACCELERATOR is not set here: the trainer sets it on each Ray worker from the spec
+# (cpu, or cuda for use_gpu), so a GPU machine is never pinned to DeepSpeed's CPU accelerator.
 
 
 def apply_defaults() -> None:

@@ -89,14 +89,13 @@ class RankerData:
 
 
 def load_ranker_data(data_dir: str, vocab_dir: str, splits: tuple[str, ...] = ("train",),
-                     n_similar_pool: int = 16, max_src_len: int = 64, max_obj_len: int = 16) -> RankerData:
-    """Rows of ``splits`` (labelled) with their relation pools, ready for :meth:`RankerData.group`."""
-    import pyarrow.parquet as pq
-
+                     n_similar_pool: int = 16, max_src_len: int = 64, max_obj_len: int = 16,
+                     holdout: dict | None = None) -> RankerData:
+    """Rows of ``splits`` (labelled; ``holdout``: the validation slice left out of train) with
+    their relation pools, ready for :meth:`RankerData.group`."""
+    from tasks.validation import labelled_rows
     from tasks.vocab import load_vocab
-    rows: list[dict] = []
-    for split in splits:
-        rows += [r for r in pq.read_table(Path(data_dir) / f"{split}.parquet").to_pylist() if r["subject"] is not None]
+    rows = labelled_rows(data_dir, splits, holdout)
     if not rows:
         raise ValueError(f"{data_dir}: no labelled rows in {splits} to train the re-ranker on")
     objects_of: dict[str, list[str]] = {}

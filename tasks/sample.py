@@ -55,7 +55,7 @@ def write_sample(out_dir: str | Path, n_train: int = 800, n_dev: int = 120, n_te
 
 
 def prepare_training_set(root: str | Path, data_dir: str | Path | None = None, n_train: int = 400,
-                         n_dev: int = 40, n_test: int = 10, k: int = 6) -> tuple[Path, Path]:
+                         n_dev: int = 40, n_test: int = 10, k: int = 6, seed: int = 0) -> tuple[Path, Path]:
     """Data + mini-KB + vocabulary under ``root`` (KgCLUE files when given, else a sample).
 
     The quickest complete input for a training run (tests, benchmarks, smoke checks); returns
@@ -66,7 +66,8 @@ def prepare_training_set(root: str | Path, data_dir: str | Path | None = None, n
     from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
     from tasks.vocab import build_vocab
     root = Path(root)
-    files = discover(Path(data_dir) if data_dir else write_sample(root / "sample", n_train, n_dev, n_test))
+    files = discover(Path(data_dir) if data_dir else write_sample(root / "sample", n_train, n_dev, n_test,
+                                                                      seed=seed))
     prepare(files, root / "data")
     rows = read_split(files["train"], "train").rows
     write_kb_txt(build_triples(gold_triples(rows), MiniKbConfig("mini", k=k)), root / "kb.txt")

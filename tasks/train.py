@@ -1,7 +1,10 @@
 """Distributed training: a Ray Train TorchTrainer whose workers run a DeepSpeed engine.
 
-Two tasks share this path: ``seq2seq`` (the generator, models/seq2seq.py) and ``ranker``
-(the candidate re-ranker, models/ranker.py, on groups from tasks/ranker_data.py).
+Every training task shares this path through a small adapter (tasks/adapters/): ``seq2seq``
+(the KgCLUE generator), ``ranker`` (its re-ranker), and the tasks of later stages. The adapter
+brings the model, rows and batches, and optional hooks: a custom gradient step, a validation
+pass with early stopping, extra losses. Randomness a model owns is drawn from a generator
+seeded by (seed, step), identical on every rank (:func:`step_generator`).
 
 * Same code on a laptop (``ray.init()`` local, CPU workers, gloo, fp32) and on a cluster
   (``ray_address``, GPU workers, NCCL, bf16); the ZeRO stage comes from the config.
@@ -33,17 +36,27 @@ import numpy as np
 from tasks.ray_runtime import ensure_ray  # noqa: F401  (re-exported: tasks.train.ensure_ray)
 
 MODEL_FILE, MODEL_CONFIG = "model.pt", "model_config.json"
-TASKS = ("seq2seq", "ranker")
-_LATER_FIELDS = ("task", "group", "cpu_bf16")  # left out of the run name at their defaults
+_NOT_IDENTITY = ("data_dir", "vocab_dir", "warm_start", "fail_at_step", "fail_marker")  # paths / fault injection
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Everything that defines a training run (hashed into the run name)."""
+    """Everything that defines a training run; its *content* is hashed into the run name.
 
-    data_dir: str                 # prepared data (tasks.kgclue_data output)
-    vocab_dir: str
-    model: dict                   # Seq2SeqConfig fields
+    Paths are not identity: ``data_dir``, ``vocab_dir`` and ``warm_start`` enter the run name
+    through the content their manifests record (each listed file's sha256), so the same
+    ``--out`` with other data, another vocabulary or another start model is another run, and
+    the same inputs anywhere are the same run. Inputs without a manifest (a corpus file) go
+    in ``inputs_sha256``.
+    """
+
+    model: dict = field(default_factory=dict)  # the task's model config fields
+    task: str = "seq2seq"         # a key of tasks.adapters.ADAPTERS
+    data_dir: str = ""            # KgCLUE tasks: prepared data (tasks.kgclue_data output)
+    vocab_dir: str = ""
+    data: dict = field(default_factory=dict)   # the task's own data options (holdout, group, corpus, ...)
+    inputs_sha256: dict = field(default_factory=dict)  # content hashes of inputs without a manifest
+    warm_start: str = ""          # a trained model directory (with manifest) to start from
     steps: int = 200
     micro_batch: int = 32         # per worker
     lr: float = 1e-3
@@ -52,28 +65,42 @@ class TrainSpec:
     zero_stage: int = 1
     num_workers: int = 2
     use_gpu: bool = False
-    bf16: bool = False            # GPU only; CPU trains in fp32
+    bf16: bool = False            # GPU: bf16 weights/activations through DeepSpeed
+    cpu_bf16: bool = False        # CPU workers: bf16 autocast in the forward (fp32 weights and optimizer)
     seed: int = 0
     checkpoint_every: int = 50
+    val_every: int = 0            # run the task's validation pass every N steps (0: never)
+    patience: int = 0             # early stopping after N validations without a new best (0: off)
     max_src_len: int = 64
     splits: tuple[str, ...] = ("train",)
     fail_at_step: int = -1        # fault injection (tests): raise at this step ...
     fail_marker: str = ""         # ... once: the first failure creates this file
-    task: str = "seq2seq"         # "seq2seq" (the generator) or "ranker" (the re-ranker)
-    group: int = 8                # ranker: candidates per question (the gold + group-1 negatives)
-    cpu_bf16: bool = False        # CPU workers: bf16 autocast in the forward (fp32 weights and optimizer)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"TrainSpec.task {self.task!r}: choose one of {TASKS}")
-        if self.task == "ranker" and self.group < 2:
-            raise ValueError(f"TrainSpec.group {self.group}: the ranker needs the gold and at least one negative")
+        from tasks.adapters import adapter
+        mod = adapter(self.task)  # ValueError naming the tasks for an unknown one
+        if hasattr(mod, "check_spec"):
+            mod.check_spec(self)
+        if self.patience and not self.val_every:
+            raise ValueError(f"patience={self.patience} needs val_every > 0 (a validation pass to stop on)")
+
+    def content(self) -> dict:
+        """The inputs' content: each manifest directory's file hashes, plus ``inputs_sha256``."""
+        out = dict(self.inputs_sha256)
+        for name in ("data_dir", "vocab_dir", "warm_start"):
+            d = getattr(self, name)
+            if d:
+                out[name] = manifest_content_sha256(d)
+        return out
 
     def run_name(self) -> str:
-        defaults = {f.name: f.default for f in fields(self)}
-        body = {k: v for k, v in asdict(self).items() if k not in ("fail_at_step", "fail_marker")
-                and not (k in _LATER_FIELDS and v == defaults[k])}  # older run names stay valid
+        body = {k: v for k, v in asdict(self).items() if k not in _NOT_IDENTITY}
+        body["content"] = self.content()
         return f"{self.task}-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+    def accelerator(self) -> tuple[str, str]:
+        """(DeepSpeed accelerator, torch.distributed backend) the workers use."""
+        return ("cuda", "nccl") if self.use_gpu else ("cpu", "gloo")
 
     def ds_config(self) -> dict:
         return {
@@ -89,25 +116,18 @@ class TrainSpec:
         }
 
 
+def manifest_content_sha256(directory: str | Path) -> str:
+    """One hash of what a finished directory holds: its manifest's (name, sha256) pairs.
+
+    The manifest's sha256 values were computed from the files when they were written; reading
+    them here trusts the manifest (``read_manifest`` checks sizes, not hashes)."""
+    from tasks.storage import read_manifest
+    files = read_manifest(directory)["files"]
+    pairs = sorted((name, e["sha256"]) for name, e in files.items())
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
 # --------------------------------------------------------------------------- data
-def load_pairs(data_dir: str, vocab_dir: str, splits: tuple[str, ...], max_src_len: int):
-    """Token ids of (question, key) pairs: key = BOS S SEP P SEP M EOS."""
-    import pyarrow.parquet as pq
-
-    from models.vocab import BOS, EOS, SEP
-    from tasks.vocab import load_vocab
-    vocab = load_vocab(vocab_dir)
-    src, tgt = [], []
-    for split in splits:
-        for r in pq.read_table(Path(data_dir) / f"{split}.parquet").to_pylist():
-            if r["subject"] is None:
-                continue
-            src.append(vocab.encode(r["question"])[:max_src_len] or [SEP])
-            tgt.append([BOS, *vocab.encode(r["subject"]), SEP, *vocab.encode(r["predicate"]), SEP,
-                        *vocab.encode(r["disambiguation"]), EOS])
-    return src, tgt, len(vocab)
-
-
 def batch_indices(n: int, step: int, global_batch: int, seed: int, rank: int, world: int) -> np.ndarray:
     """This rank's rows for ``step``: epochs are seeded permutations, so any step is reproducible."""
     per_epoch = max(1, n // global_batch)
@@ -135,38 +155,60 @@ def safe_checkpoint_engine(base_cls):
 
 
 # --------------------------------------------------------------------------- worker
-def _task_setup(spec: TrainSpec, device, rank: int):
-    """(model, training rows, batch maker(rows, step) -> (batch, tokens)) of the spec's task."""
+def step_generator(seed: int, step: int):
+    """The model-owned randomness of ``step``: the same torch.Generator on every rank."""
     import torch
-    torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    if spec.task == "ranker":
-        from models.ranker import Ranker, RankerConfig, make_ranker_batch
-        from tasks.ranker_data import load_ranker_data
-        data = load_ranker_data(spec.data_dir, spec.vocab_dir, spec.splits, max_src_len=spec.max_src_len)
-        model = Ranker(RankerConfig(**{**spec.model, "vocab_size": len(data.vocab)}))
+    state = np.random.SeedSequence([seed, step, 0x5EED]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
 
-        def ranker_batch(rows, step):
-            rng = np.random.default_rng([spec.seed, step, rank])  # negatives: a function of (seed, step, rank)
-            batch = make_ranker_batch([c for i in rows for c in data.group(int(i), spec.group, rng)],
-                                      spec.group, device)
-            return batch, int(batch["mask"].sum())
-        return model, len(data), ranker_batch
-    from models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch
-    src, tgt, vocab_size = load_pairs(spec.data_dir, spec.vocab_dir, spec.splits, spec.max_src_len)
-    model = Seq2Seq(Seq2SeqConfig(**{**spec.model, "vocab_size": vocab_size}))
 
-    def seq2seq_batch(rows, step):
-        batch = make_batch([src[i] for i in rows], [tgt[i] for i in rows], device)
-        return batch, int((batch["tgt_ids"] != 0).sum() + batch["src_mask"].sum())
-    return model, len(src), seq2seq_batch
+def call_hooks(model, name: str, *args) -> None:
+    """Call ``name(*args)`` on every submodule that defines it (models.attention's interface)."""
+    for m in model.modules():
+        fn = getattr(m, name, None)
+        if callable(fn):
+            fn(*args)
+
+
+def warm_start_weights(model, model_dir: str) -> None:
+    """Load a trained model's weights into ``model`` (``weights_only``); the new model may
+    have more parameters (new heads), but every loaded tensor must fit one of its own."""
+    import torch
+    sd = torch.load(Path(model_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    bad = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"warm start {model_dir}: {len(bad)} tensors do not fit the model "
+                         f"(first: {bad[:3]}); the start model's config must match the spec's model")
+    model.load_state_dict(sd, strict=False)
+
+
+def _all_reduce(world: int):
+    import torch.distributed as dist
+
+    def reduce(t):
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+    return reduce
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    accel = config.get("accelerator", "cpu")
+    os.environ["DS_ACCELERATOR"] = accel  # before DeepSpeed picks its accelerator
     import deepspeed
     import ray.train
     import torch
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from tasks.adapters import adapter, split_loss
+    if get_accelerator().device_name() != accel:  # a process that imported DeepSpeed earlier
+        import deepspeed.accelerator.real_accelerator as ra
+        ra.ds_accelerator = None
+        if get_accelerator().device_name() != accel:
+            raise RuntimeError(f"DeepSpeed accelerator is {get_accelerator().device_name()!r}, expected {accel!r}")
 
     spec = TrainSpec(**{**config["spec"], "splits": tuple(config["spec"]["splits"])})
     sink = config.get("sink")
@@ -174,69 +216,133 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if sink is not None:  # where each rank runs (multi-node placement, shown by the driver)
         sink.push.remote({"event": "worker-start", "rank": rank, "world": world, "pid": os.getpid(),
-                          "node_id": ray.get_runtime_context().get_node_id()})
+                          "node_id": ray.get_runtime_context().get_node_id(), "accelerator": accel})
     device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     if not spec.use_gpu:
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    model, n_rows, make_step_batch = _task_setup(spec, device, rank)
+    task = adapter(spec.task)
+    setup = task.setup(spec, device, rank)
+    model = setup.model
+    exported = setup.export(model) if setup.export else model
+    ckpt = ray.train.get_checkpoint()
+    if spec.warm_start and not ckpt:
+        warm_start_weights(exported, spec.warm_start)
     autocast = bool(spec.cpu_bf16 and not spec.use_gpu)
+    loss_fn = setup.loss_fn or (lambda m, b: split_loss(m.loss(b)))
 
     class WithLoss(torch.nn.Module):  # the engine's forward must return the loss
         def __init__(self, m):
             super().__init__()
             self.model = m
+            self.parts: dict = {}
 
         def forward(self, batch):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                return self.model.loss(batch)
+                loss, self.parts = loss_fn(self.model, batch)
+                return loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     total, warm = spec.steps, max(1, spec.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / max(1, total)))
-    engine, _, _, _ = deepspeed.initialize(model=WithLoss(model), optimizer=opt, lr_scheduler=sched,
+    wrapped = WithLoss(model)
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=opt, lr_scheduler=sched,
                                            config=spec.ds_config())
     engine.checkpoint_engine = safe_checkpoint_engine(TorchCheckpointEngine)()
-    start = 0
-    ckpt = ray.train.get_checkpoint()
+    start, val = 0, {"best": float("inf"), "best_step": 0, "bad": 0, "history": []}
+    best_sd = None
     if ckpt:
         with ckpt.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag="state")
+            if (Path(d) / BEST_FILE).is_file():
+                best_sd = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
         start = int(client["step"])
+        val = client.get("val", val)
+    reduce = _all_reduce(world)
     global_batch = spec.micro_batch * world
     t_last, tok_last, losses = time.perf_counter(), 0, []
     t_start = t_last
+    parts_log: dict[str, list[float]] = {}
+    stop = False
+    done = start
     for step in range(start, total):
         if step == spec.fail_at_step and spec.fail_marker and not os.path.exists(spec.fail_marker):
             Path(spec.fail_marker).touch()
             raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+        call_hooks(model, "train_step_begin", step, step_generator(spec.seed, step))
         torch.manual_seed(hash((spec.seed, step, rank)) & 0x7FFFFFFF)  # dropout stream per (step, rank)
-        rows = batch_indices(n_rows, step, global_batch, spec.seed, rank, world)
-        batch, n_tokens = make_step_batch(rows, step)
-        loss = engine(batch)
-        engine.backward(loss)
+        rows = batch_indices(setup.n_rows, step, global_batch, spec.seed, rank, world)
+        batch, n_tokens = setup.make_batch(rows, step)
+        if setup.grad_step is not None:
+            loss, parts = setup.grad_step(engine, model, batch, step)
+        else:
+            loss = engine(batch)
+            engine.backward(loss)
+            parts = wrapped.parts
         engine.step()
+        call_hooks(model, "train_step_end", step, step_generator(spec.seed, step), reduce)
         losses.append(float(loss.detach()))
+        for k, v in parts.items():
+            parts_log.setdefault(k, []).append(float(v))
         tok_last += n_tokens * world
         done = step + 1
-        if sink is not None and rank == 0 and (done % 5 == 0 or done == total):
+        if setup.validate is not None and spec.val_every and (done % spec.val_every == 0 or done == total):
+            model.eval()
+            with torch.no_grad():
+                v = {k: float(x) for k, x in setup.validate(model).items()}
+            model.train()
+            val["history"].append({"step": done, **v})
+            if v["val_loss"] < val["best"]:
+                val.update(best=v["val_loss"], best_step=done, bad=0)
+                best_sd = {k: t.detach().float().cpu().clone() for k, t in exported.state_dict().items()}
+            else:
+                val["bad"] += 1
+            if sink is not None and rank == 0:
+                sink.push.remote({"event": "validation", "step": done, **v, "best_step": val["best_step"]})
+            stop = bool(spec.patience and val["bad"] >= spec.patience)
+        if sink is not None and rank == 0 and (done % 5 == 0 or done == total or stop):
             now = time.perf_counter()
             rate = tok_last / max(1e-9, now - t_last)
-            sink.push.remote({"step": done, "steps": total, "loss": float(np.mean(losses[-5:])),
-                              "tokens_per_s": rate, "lr": sched.get_last_lr()[0],
-                              "eta_s": (total - done) * (now - t_start) / max(1, done - start)})
+            item = {"step": done, "steps": total, "loss": float(np.mean(losses[-5:])),
+                    "tokens_per_s": rate, "lr": sched.get_last_lr()[0],
+                    "eta_s": (total - done) * (now - t_start) / max(1, done - start)}
+            item.update({k: float(np.mean(v[-5:])) for k, v in parts_log.items()})
+            sink.push.remote(item)
             t_last, tok_last = now, 0
-        if done % spec.checkpoint_every == 0 or done == total:
-            with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(tmp, tag="state", client_state={"step": done})
-                export = (engine._zero3_consolidated_16bit_state_dict() if spec.zero_stage == 3
-                          else engine.module.state_dict())
-                if rank == 0:
-                    sd = {k.removeprefix("model."): v.detach().float().cpu() for k, v in export.items()}
-                    torch.save(sd, Path(tmp) / MODEL_FILE)
-                    (Path(tmp) / MODEL_CONFIG).write_text(json.dumps(model.cfg.to_dict()))
-                ray.train.report({"step": done, "loss": float(np.mean(losses[-10:]))},
-                                 checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if done % spec.checkpoint_every == 0 or done == total or stop:
+            _checkpoint(engine, spec, exported if setup.export else None, model, rank, done, losses, val, best_sd)
+        if stop:
+            break
+
+
+BEST_FILE = "best.pt"
+
+
+def _checkpoint(engine, spec: TrainSpec, part, model, rank: int, done: int, losses: list[float], val: dict,
+                best_sd) -> None:
+    """Save the engine's state (every rank: its shard) and, on rank 0, the exported model
+    (``part``: the adapter's export of the model, None for the whole model)."""
+    import ray.train
+    import torch
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="state", client_state={"step": done, "val": val})
+        if part is not None:
+            export = part.state_dict()
+        elif spec.zero_stage == 3:
+            export = engine._zero3_consolidated_16bit_state_dict()
+        else:
+            export = engine.module.state_dict()
+        if rank == 0:
+            sd = {k.removeprefix("model."): v.detach().float().cpu() for k, v in export.items()}
+            if best_sd is not None:
+                torch.save(best_sd, Path(tmp) / BEST_FILE)
+            torch.save(best_sd if best_sd is not None else sd, Path(tmp) / MODEL_FILE)
+            cfg = (part if part is not None else model).cfg.to_dict()
+            (Path(tmp) / MODEL_CONFIG).write_text(json.dumps(cfg))
+            if val["history"]:
+                (Path(tmp) / "validation.json").write_text(json.dumps(val))
+        ray.train.report({"step": done, "loss": float(np.mean(losses[-10:]))},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 # --------------------------------------------------------------------------- driver
@@ -268,6 +374,7 @@ class TrainResult:
     wall_s: float
     history: list[dict] = field(default_factory=list)
     placements: list[dict] = field(default_factory=list)  # one "worker-start" per (re)started rank
+    validations: list[dict] = field(default_factory=list)  # the validation passes, in order
 
 
 def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_failures: int = 2,
@@ -281,8 +388,9 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
     cpus = max(1, (os.cpu_count() or 2) // spec.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": asdict(spec), "sink": sink, "threads_per_worker": cpus},
-        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        train_loop_config={"spec": asdict(spec), "sink": sink, "threads_per_worker": cpus,
+                           "accelerator": spec.accelerator()[0]},
+        torch_config=TorchConfig(backend=spec.accelerator()[1]),
         scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                                resources_per_worker=None if spec.use_gpu else {"CPU": 1}),
         run_config=ray.train.RunConfig(
@@ -303,11 +411,17 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
     th.start()
     history: list[dict] = []
     placements: list[dict] = []
+    validations: list[dict] = []
     while True:
         alive = th.is_alive()
         for item in ray.get(sink.drain.remote()):
             if item.get("event") == "worker-start":
                 placements.append(item)
+                continue
+            if item.get("event") == "validation":
+                validations.append(item)
+                if on_progress:
+                    on_progress(item)
                 continue
             history.append(item)
             if on_progress:
@@ -321,10 +435,11 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run_name()} finished without a checkpoint")
     rates = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
-    return TrainResult(spec.run_name(), result.checkpoint.path, spec.steps,
+    return TrainResult(spec.run_name(), result.checkpoint.path,
+                       int(result.metrics.get("step", spec.steps)) if result.metrics else spec.steps,
                        float(result.metrics.get("loss", float("nan"))) if result.metrics else float("nan"),
                        float(np.median(rates)) if rates else 0.0, time.perf_counter() - t0, history,
-                       placements)
+                       placements, validations)
 
 
 def ranker_dir(run_dir: str | Path, member: int) -> Path:
@@ -341,17 +456,13 @@ def trained_ranker_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def load_trained_model(checkpoint_dir: str | Path):
-    """The exported model of a checkpoint (``weights_only=True``), in eval mode: a Seq2Seq, or a
-    Ranker when its config says ``kind: ranker``."""
+    """The exported model of a checkpoint (``weights_only=True``), in eval mode; the model
+    config's ``kind`` picks the adapter that rebuilds it (no kind: the KgCLUE seq2seq)."""
     import torch
 
+    from tasks.adapters import adapter_for_kind
     d = Path(checkpoint_dir)
     raw = json.loads((d / MODEL_CONFIG).read_text())
-    if raw.get("kind") == "ranker":
-        from models.ranker import Ranker, RankerConfig
-        model = Ranker(RankerConfig(**raw))
-    else:
-        from models.seq2seq import Seq2Seq, Seq2SeqConfig
-        model = Seq2Seq(Seq2SeqConfig(**raw))
+    model = adapter_for_kind(raw.get("kind", "seq2seq")).load_model(raw)
     model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
     return model.eval()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +22,9 @@ def prepared(tmp_path_factory):
 
 
 def _spec(root, **kw) -> TrainSpec:
-    return TrainSpec(data_dir=str(root / "data"), vocab_dir=str(root / "vocab"), model=SMALL, steps=30,
-                     micro_batch=16, lr=3e-3, warmup=5, zero_stage=1, num_workers=2, checkpoint_every=10, **kw)
+    base = dict(data_dir=str(root / "data"), vocab_dir=str(root / "vocab"), model=SMALL, steps=30,
+                micro_batch=16, lr=3e-3, warmup=5, zero_stage=1, num_workers=2, checkpoint_every=10)
+    return TrainSpec(**{**base, **kw})
 
 
 def _weights(ckpt_dir):
@@ -57,9 +59,77 @@ def test_same_config_same_run_name_and_rerun_resumes_from_storage(ray_local, pre
     assert spec.run_name() == replace(spec, fail_at_step=3, fail_marker="x").run_name()
     first = train(replace(spec, steps=20), str(tmp_path))
     assert [h["step"] for h in first.history][-1] == 20
-    # a re-run of the same run (a Prefect retry after the driver died) finds its checkpoints
+    # a re-run of the same run (a Prefect retry after the driver died) finds its last checkpoint
+    # (step 20) and trains no step again: nothing is reported, the same checkpoint comes back
     again = train(replace(spec, steps=20), str(tmp_path))
-    assert again.history == [] or again.history[0]["step"] > 5
+    assert again.history == [], again.history
+    a, b = _weights(first.checkpoint_dir), _weights(again.checkpoint_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_name_is_the_inputs_content_not_their_paths(prepared, tmp_path):
+    """The same data under another path is the same run; other data (or another vocabulary)
+    under the same path is another run."""
+    import shutil
+    spec = _spec(prepared)
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared / "data", copy / "data")
+    shutil.copytree(prepared / "vocab", copy / "vocab")
+    moved = replace(spec, data_dir=str(copy / "data"), vocab_dir=str(copy / "vocab"))
+    assert moved.run_name() == spec.run_name()
+    other = tmp_path / "other"
+    prepare_training_set(other, n_train=400, n_dev=40, n_test=10, k=2, seed=5)
+    shutil.rmtree(copy / "data")
+    shutil.copytree(other / "data", copy / "data")  # same path, other content
+    assert replace(spec, data_dir=str(copy / "data"), vocab_dir=str(copy / "vocab")).run_name() != spec.run_name()
+
+
+def test_accelerator_and_backend_follow_use_gpu(prepared):
+    cpu = _spec(prepared)
+    gpu = replace(cpu, use_gpu=True, bf16=True, zero_stage=2)
+    assert cpu.accelerator() == ("cpu", "gloo") and gpu.accelerator() == ("cuda", "nccl")
+    assert gpu.ds_config()["bf16"]["enabled"] and not cpu.ds_config()["bf16"]["enabled"]
+    assert gpu.ds_config()["zero_optimization"]["stage"] == 2
+    assert gpu.run_name() != cpu.run_name()
+
+
+def test_validation_keeps_the_best_model_and_stops_early(ray_local, prepared, tmp_path):
+    """A validation pass every 5 steps on the held-out relations: an absurd learning rate makes
+    the validation loss worse after the first pass, so patience 2 stops the run at step 15, and
+    the exported model is the best one (its own validation loss is the minimum seen)."""
+    from tasks.adapters import adapter
+    spec = _spec(prepared, steps=60, lr=3.0, warmup=1, val_every=5, patience=2, checkpoint_every=100,
+                 data={"holdout": {"frac": 0.2, "seed": 0}})
+    res = train(spec, str(tmp_path))
+    vals = [v["val_loss"] for v in res.validations]
+    assert 2 <= len(vals) < 12 and res.steps < 60, (res.steps, vals)
+    best = load_trained_model(res.checkpoint_dir)
+    setup = adapter("seq2seq").setup(spec, torch.device("cpu"), 0)
+    with torch.no_grad():
+        own = setup.validate(best)["val_loss"]
+    assert own == pytest.approx(min(vals), rel=1e-5), (own, vals)
+
+
+def test_warm_start_loads_the_start_model_and_its_content_names_the_run(ray_local, prepared, tmp_path):
+    from tasks.storage import write_manifest
+    first = train(_spec(prepared, steps=10, checkpoint_every=10), str(tmp_path / "a"))
+    start = tmp_path / "start-model"
+    start.mkdir()
+    for f in ("model.pt", "model_config.json"):
+        (start / f).write_bytes((Path(first.checkpoint_dir) / f).read_bytes())
+    write_manifest(start, ["model.pt", "model_config.json"])
+    warm = _spec(prepared, steps=2, lr=0.0, warmup=1, checkpoint_every=2, warm_start=str(start))
+    assert warm.run_name() != replace(warm, warm_start="").run_name()
+    res = train(warm, str(tmp_path / "b"))
+    a, b = _weights(first.checkpoint_dir), _weights(res.checkpoint_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a), "lr 0 from the warm start keeps its weights"
+    name = warm.run_name()
+    sd = torch.load(start / "model.pt", weights_only=True)
+    k = next(iter(sd))
+    sd[k] = sd[k] + 1.0
+    torch.save(sd, start / "model.pt")
+    write_manifest(start, ["model.pt", "model_config.json"])
+    assert warm.run_name() != name, "another start model is another run"
 
 
 def test_ranker_trains_under_ray_deepspeed_with_bf16_autocast(ray_local, prepared, tmp_path):
@@ -67,9 +137,9 @@ def test_ranker_trains_under_ray_deepspeed_with_bf16_autocast(ray_local, prepare
     model = {k: v for k, v in RankerConfig(vocab_size=5, d_model=32, n_head=2, n_layer=1, d_ff=64).to_dict().items()
              if k != "vocab_size"}
     spec = TrainSpec(data_dir=str(prepared / "data"), vocab_dir=str(prepared / "vocab"), model=model, steps=60,
-                     micro_batch=8, lr=1e-2, warmup=5, num_workers=2, checkpoint_every=20, task="ranker", group=4,
-                     cpu_bf16=True)
-    assert spec.run_name().startswith("ranker-") and spec.run_name() != replace(spec, group=6).run_name()
+                     micro_batch=8, lr=1e-2, warmup=5, num_workers=2, checkpoint_every=20, task="ranker",
+                     data={"group": 4}, cpu_bf16=True)
+    assert spec.run_name().startswith("ranker-") and spec.run_name() != replace(spec, data={"group": 6}).run_name()
     seq = _spec(prepared)
     assert seq.run_name().startswith("seq2seq-") and seq.run_name() != replace(seq, cpu_bf16=True).run_name()
     with pytest.raises(ValueError, match="task"):
