@@ -7,7 +7,9 @@ other triples (like the ``mini`` KB protocol; the 20M-triple knowledge.txt is no
 the questions are dev questions, the model is an untrained ``tiny`` preset (decode cost does not
 depend on the weights, only the paths do). Baseline in the same run: unconstrained greedy.
 With ``--run`` of a run that trained re-rankers, the second stage is measured too (questions/s of
-the whole predict step with and without it, same questions). Prints one JSON object.
+the whole predict step with and without it, same questions). Questions are cut at the
+``max_src_len`` the run's model was trained with (its manifest's spec; ``--max-src-len``
+for the untrained model). Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -67,6 +69,8 @@ def main() -> None:
     ap.add_argument("--distractors", type=int, default=6)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-len", type=int, default=40)
+    ap.add_argument("--max-src-len", type=int, default=64, help="question cut of the untrained model "
+                                                                 "(with --run: the trained model's own)")
     ap.add_argument("--json", type=Path, help="also write the result here")
     ap.add_argument("--run", type=Path, help="a finished kgclue-pipeline run: its trained model, vocab, trie, dev")
     ap.add_argument("--kb-run", type=Path, help="with --run: take the trie and dev questions of this run "
@@ -76,6 +80,7 @@ def main() -> None:
     if args.run:  # a trained model: beams end where the model puts EOS, as in real use
         import pyarrow.parquet as pq
 
+        from tasks.evaluate import encode_questions, trained_max_src_len
         from tasks.train import load_trained_model
         from tasks.trie_build import load_trie_index
         from tasks.vocab import load_vocab
@@ -83,8 +88,9 @@ def main() -> None:
         kb_run = args.kb_run or args.run
         trie, index = load_trie_index(kb_run / "trie", vocab)
         model = load_trained_model(args.run / "model")
+        args.max_src_len = trained_max_src_len(args.run / "model")
         dev = pq.read_table(kb_run / "data" / "dev.parquet", columns=["question"])["question"].to_pylist()
-        qs = [vocab.encode(q)[:64] for q in dev[: args.n_questions]]
+        qs = encode_questions(dev[: args.n_questions], vocab, args.max_src_len)
     else:  # an untrained model over a KB like the mini protocol's
         rows = load("train") + load("dev")
         gold = sorted({triple(r["answer"]) for r in rows})
@@ -95,11 +101,11 @@ def main() -> None:
         trie = KgTrie.from_triples(triples, vocab)
         torch.manual_seed(0)
         model = Seq2Seq(Seq2SeqConfig.preset(args.preset, len(vocab))).eval()
-        qs = [vocab.encode(r["question"])[:64] for r in load("dev")[: args.n_questions]]
+        qs = [vocab.encode(r["question"])[:args.max_src_len] for r in load("dev")[: args.n_questions]]
     batches = [make_batch(qs[i:i + args.batch]) for i in range(0, len(qs), args.batch)]
     out = {"bench": "decode-throughput", "model": str(args.run / "model") if args.run else f"untrained {args.preset}", "params": model.n_params(),
            "vocab": len(vocab), "keys": len(trie), "threads": args.threads, "batch": args.batch,
-           "beam": args.beam, "questions": len(qs)}
+           "beam": args.beam, "questions": len(qs), "max_src_len": args.max_src_len}
     L = args.max_len
     greedy = lambda b: greedy_unconstrained(model, b["src_ids"], b["src_mask"], max_len=L)  # noqa: E731
     out["greedy-unconstrained-qps"] = qps(greedy, batches, len(qs), args.repeat)
@@ -113,15 +119,17 @@ def main() -> None:
     out["constrained_lookahead_qps"] = out["beam-lookahead-qps"]["median"]
     out["unconstrained_qps"] = out["beam-unconstrained-qps"]["median"]
     out["constraint_overhead"] = round(out["unconstrained_qps"] / out["constrained_qps"] - 1, 3)
-    from tasks.evaluate import Reranker, predict
+    from tasks.evaluate import Reranker, predict, trained_max_src_len
     from tasks.train import trained_ranker_dirs
     rankers = trained_ranker_dirs(args.run) if args.run else []
     if rankers:  # the second stage, end to end (beam + look-ahead + re-ranking + KB lookup) vs without
-        rr = Reranker(tuple(load_trained_model(d) for d in rankers))
+        rr = Reranker(tuple(load_trained_model(d) for d in rankers), max_src_len=trained_max_src_len(rankers[0]))
         texts = dev[: args.n_questions]
         chunks = [texts[i:i + args.batch] for i in range(0, len(texts), args.batch)]
-        plain = lambda c: predict(model, trie, index, vocab, c, beam=args.beam)  # noqa: E731
-        ranked = lambda c: predict(model, trie, index, vocab, c, beam=args.beam, reranker=rr)  # noqa: E731
+        L_src = args.max_src_len
+        plain = lambda c: predict(model, trie, index, vocab, c, beam=args.beam, max_src_len=L_src)  # noqa: E731
+        ranked = lambda c: predict(model, trie, index, vocab, c, beam=args.beam, reranker=rr,  # noqa: E731
+                                   max_src_len=L_src)
         out["predict-lookahead-qps"] = qps(plain, chunks, len(texts), 1)
         out["predict-reranked-qps"] = qps(ranked, chunks, len(texts), 1)
         out["rankers"] = len(rankers)

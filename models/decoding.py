@@ -1,5 +1,9 @@
 """Trie-constrained batched beam search with the lookahead re-weighting (ALGORITHMS.md §3).
 
+The look-ahead has two conventions (``lookahead="ours"`` or ``"reference"``, see
+:func:`lookahead_weights`); ``lookahead=True`` means ``"ours"``, the default until a
+validation slice picks one, ``False`` turns it off.
+
 B questions × K beams are flattened to N = B*K rows; every time step makes one ``step_fn`` call
 for all rows. Each row carries its :class:`~models.trie.KgTrie` state; the model's log-probs are
 restricted to ``trie.allowed(state)`` (one ``index_put`` per step) and renormalised over that
@@ -18,6 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from models.lcs import lcs_row as lcs_prefix_row  # row[i] = LCS(prefix, question[:i])
+from models.lcs import lcs_rows
 from models.trie import KgTrie
 from models.vocab import BOS, EOS, PAD, SEP
 
@@ -39,35 +45,35 @@ class Hypothesis:
 
 
 # --------------------------------------------------------------------------- lookahead
-def lcs_rows(seqs: np.ndarray, question: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
-    """LCS DP rows: out[c, i] = LCS(start-prefix + seqs[c], question[:i]); pad seqs with -1.
+LOOKAHEAD_RULES = ("ours", "reference")
+Lookahead = bool | str | None  # False/None: off; True: "ours"; or a rule name
 
-    One numpy step per column of ``seqs`` (C, L), vectorised over rows and over the question:
-    new[i] = max(old[i], old[i-1] + match[i], new[i-1]) is a cumulative max.
+
+def lookahead_rule(lookahead: Lookahead) -> str | None:
+    """The rule a ``lookahead`` argument names: None (off), "ours" (also for True) or "reference"."""
+    if lookahead is None or isinstance(lookahead, (bool, np.bool_)):
+        return "ours" if lookahead else None
+    if isinstance(lookahead, str) and lookahead in LOOKAHEAD_RULES:
+        return str(lookahead)
+    raise ValueError(f"lookahead={lookahead!r}: use True/False or one of {LOOKAHEAD_RULES}")
+
+
+def lookahead_question(question: Sequence[int], rule: str) -> np.ndarray:
+    """The question side of the look-ahead's LCS, as token ids.
+
+    ``question`` is the encoder's source as the model saw it (already cut at ``max_src_len``
+    tokens by the caller, tasks/evaluate.py). ``"ours"``: those ids as they are.
+    ``"reference"``: ``BOS + ids + SEP``, bojone's ``[CLS] Q [SEP]`` (our BOS stands for his
+    [CLS]; his source is cut at maxlen//2+1 = 65 tokens, ALGORITHMS.md §3). Neither BOS
+    nor the keys' EOS ever occurs in a prefix or a completion, but the SEP does: under the
+    reference rule one [SEP] of the key (after S, or after P) may match the question's final SEP.
     """
-    C, m = seqs.shape[0], len(question)
-    R = np.zeros((C, m + 1), dtype=np.int32) if start is None else np.tile(start.astype(np.int32), (C, 1))
-    q = np.asarray(question, dtype=np.int64)[None, :]  # (1, m)
-    for j in range(seqs.shape[1]):
-        match = seqs[:, j:j + 1] == q  # (C, m)
-        t = np.maximum(R[:, 1:], R[:, :-1] + match)
-        np.maximum.accumulate(t, axis=1, out=R[:, 1:])
-    return R
-
-
-def lcs_prefix_row(prefix: Sequence[int], question: Sequence[int]) -> np.ndarray:
-    """row[i] = LCS(prefix, question[:i]) for i = 0..m, bit-parallel over the question."""
-    m = len(question)
-    match: dict[int, int] = {}
-    for i, x in enumerate(question):
-        match[int(x)] = match.get(int(x), 0) | (1 << i)
-    full = v = (1 << m) - 1
-    for x in prefix:
-        u = v & match.get(int(x), 0)
-        v = ((v + u) | (v - u)) & full
-    bits = np.unpackbits(np.frombuffer(v.to_bytes((m + 7) // 8 or 1, "little"), np.uint8),
-                         bitorder="little")[:m]
-    return np.concatenate([[0], np.cumsum(1 - bits.astype(np.int32))]).astype(np.int32)
+    q = np.asarray(question, dtype=np.int64)
+    if rule == "ours":
+        return q
+    if rule == "reference":
+        return np.concatenate([[BOS], q, [SEP]]).astype(np.int64)
+    raise ValueError(f"lookahead rule {rule!r}: use one of {LOOKAHEAD_RULES}")
 
 
 def completion_matrix(trie: KgTrie, state: Any, max_completions: int) -> tuple[np.ndarray, bool]:
@@ -103,15 +109,32 @@ def weights_from_completions(mat: np.ndarray, prefix: Sequence[int], question: n
 
 
 def lookahead_weights(trie: KgTrie, state: Any, prefix: Sequence[int], question: np.ndarray,
-                      allowed: np.ndarray, max_completions: int = 2000) -> np.ndarray:
+                      allowed: np.ndarray, max_completions: int = 2000, rule: str = "ours") -> np.ndarray:
     """bojone's AutoQA.predict weights for ``allowed`` (sorted): max over completions of gain+1.
 
-    gain(c) = LCS(prefix + c, question) − LCS(prefix, question) over token ids; the trailing
-    EOS of c is left out (bojone's keys have no end token). Only the first ``max_completions``
-    completions are examined; tokens none of them starts with keep weight 1.
+    What the code computes, per allowed token a (weight 1 when no examined completion starts
+    with a)::
+
+        q = lookahead_question(question, rule)     # "ours": Q; "reference": BOS Q SEP
+        w(a) = max(1, max over completions c with c[0] = a of
+                   LCS(prefix + c', q) - LCS(prefix, q) + 1)
+
+    over token ids, with ``prefix`` the decoded tokens after BOS (S, its SEP, and whatever of
+    P / its SEP / M follows), ``c`` the remaining tokens of a full key below the prefix (P and
+    M, each part's SEP included) and ``c'`` = c without its final EOS (bojone's keys have no
+    end token). Under ``"ours"`` the SEPs take part but can never match (the question holds
+    no SEP); under ``"reference"`` one of them may match the question's final SEP, so a key
+    whose only new match lies after a SEP gains less (the reference code exactly).
+
+    Differences from the reference that remain: only the first ``max_completions``
+    completions in token order are examined (the reference enumerates every key below the
+    prefix), and the question is the model's source cut at ``max_src_len`` tokens. The
+    callers apply the weights only once S is complete (a SEP decoded) and more than one
+    token is allowed, as the reference does; ``p ** (1/w)`` is then renormalised over
+    ``allowed``.
     """
     mat, _ = completion_matrix(trie, state, max_completions)
-    return weights_from_completions(mat, prefix, np.asarray(question, dtype=np.int64), allowed)
+    return weights_from_completions(mat, prefix, lookahead_question(question, rule), allowed)
 
 
 # --------------------------------------------------------------------------- beam search
@@ -148,17 +171,20 @@ def _free_logprobs(logprobs: torch.Tensor, live: np.ndarray, done: np.ndarray) -
 
 
 def beam_search(step_fn: StepFn, trie: KgTrie | None, n_questions: int, beam_size: int, max_len: int,
-                state: Any = None, *, lookahead: bool = False,
+                state: Any = None, *, lookahead: Lookahead = False,
                 question_ids: Sequence[np.ndarray] | None = None, max_completions: int = 2000,
                 n_best: int | None = None) -> list[list[Hypothesis]]:
     """Per question, its finished hypotheses, best first (at most ``n_best``, default K).
 
     ``trie=None`` runs the same search unconstrained (a beam ends at EOS; key ids are -1):
-    the baseline that prices the constraint.
+    the baseline that prices the constraint. ``lookahead``: False, True (= "ours") or a rule
+    of :func:`lookahead_weights`, applied to rows whose S is complete with >1 allowed token;
+    ``question_ids`` are the sources as the model saw them (cut at ``max_src_len``).
     """
-    if lookahead and trie is None:
+    rule = lookahead_rule(lookahead)
+    if rule and trie is None:
         raise ValueError("lookahead needs a trie")
-    if lookahead and (question_ids is None or len(question_ids) != n_questions):
+    if rule and (question_ids is None or len(question_ids) != n_questions):
         raise ValueError("lookahead needs question_ids: one token-id array per question")
     K, n_best = beam_size, beam_size if n_best is None else n_best
     qid = np.arange(n_questions)  # global question index of each active question
@@ -172,7 +198,7 @@ def beam_search(step_fn: StepFn, trie: KgTrie | None, n_questions: int, beam_siz
     scores[:, 1:] = float("-inf")  # all beams start equal: keep one copy
     scores = scores.view(-1)
     results: list[list[Hypothesis]] = [[] for _ in range(n_questions)]
-    questions = None if question_ids is None else [np.asarray(q, dtype=np.int64) for q in question_ids]
+    questions = None if not rule else [lookahead_question(q, rule) for q in question_ids]
 
     def harvest(rows: np.ndarray, q: int) -> None:
         done = [r for r in rows if status[r] == _DONE]
@@ -199,7 +225,7 @@ def beam_search(step_fn: StepFn, trie: KgTrie | None, n_questions: int, beam_siz
                 raise DecodingError(f"empty allowed set on a live beam (question {qid[i // K]}, "
                                     f"tokens {tokens[i].tolist()}): the trie state is corrupt")
         weights = None
-        if lookahead:
+        if rule:
             weights = []
             for i, a in zip(live, allowed):
                 if not (sep_seen[i] and a.size > 1):
@@ -278,14 +304,15 @@ def question_ids_of(src_ids: torch.Tensor, src_mask: torch.Tensor) -> list[np.nd
 @torch.inference_mode()
 def constrained_beam_search(model: torch.nn.Module, trie: KgTrie, src_ids: torch.Tensor,
                             src_mask: torch.Tensor, beam_size: int = 4, max_len: int | None = None,
-                            lookahead: bool = False, max_completions: int = 2000,
+                            lookahead: Lookahead = False, max_completions: int = 2000,
                             n_best: int | None = None) -> list[list[Hypothesis]]:
-    """Trie-constrained beam search of a :class:`~models.seq2seq.Seq2Seq` over a batch."""
+    """Trie-constrained beam search of a :class:`~models.seq2seq.Seq2Seq` over a batch
+    (``lookahead``: see :func:`beam_search`; the LCS question is each unpadded source row)."""
     model.eval()
     max_len = model.cfg.max_len if max_len is None else min(max_len, model.cfg.max_len)
     step = model_step_fn(model, src_ids, src_mask)
     return beam_search(step, trie, src_ids.size(0), beam_size, max_len, lookahead=lookahead,
-                       question_ids=question_ids_of(src_ids, src_mask) if lookahead else None,
+                       question_ids=question_ids_of(src_ids, src_mask) if lookahead_rule(lookahead) else None,
                        max_completions=max_completions, n_best=n_best)
 
 
@@ -327,19 +354,22 @@ def greedy_unconstrained(model: torch.nn.Module, src_ids: torch.Tensor, src_mask
 
 @torch.no_grad()
 def sequence_logprobs(model: torch.nn.Module, src_ids: Sequence[int], keys: Sequence[Sequence[int]],
-                      trie: KgTrie | None = None, lookahead: bool = False,
+                      trie: KgTrie | None = None, lookahead: Lookahead = False,
                       max_completions: int = 2000) -> np.ndarray:
     """Teacher-forced log-score of every key (tokens without BOS, ending in EOS) for one question.
 
     ``trie=None``: the model's log p(key | question). With a trie, each step is renormalised
-    over the trie's allowed set and, with ``lookahead``, re-weighted as the beam search does
-    (:func:`weights_from_completions`), so a key gets the score the beam search would give it.
+    over the trie's allowed set and, with ``lookahead`` (True = "ours", or a rule of
+    :func:`lookahead_weights`), re-weighted as the beam search does (same rule, same
+    ``max_completions``, ``src_ids`` as the LCS question), so a key gets the score the beam
+    search would give it.
     The encoder runs once and the decoder once over all keys: the generator scores a
     re-ranker's whole candidate set exhaustively, where the beam kept only its top few.
     """
     if len(keys) == 0:
         return np.zeros(0)
-    if lookahead and trie is None:
+    rule = lookahead_rule(lookahead)
+    if rule and trie is None:
         raise ValueError("lookahead needs a trie")
     src = torch.as_tensor(list(src_ids), dtype=torch.long)[None]
     mask = src != PAD
@@ -356,7 +386,7 @@ def sequence_logprobs(model: torch.nn.Module, src_ids: Sequence[int], keys: Sequ
         return (lp * (tgt[:, 1:] != PAD)).sum(1).double().numpy()
     # Walk the keys as a trie of prefixes: the decoder is causal, so keys sharing a prefix share
     # the distribution after it; each distinct prefix ("node") is normalised once, in one gather.
-    question = np.asarray(src_ids, dtype=np.int64)
+    question = lookahead_question(src_ids, rule or "ours")
     node_of: dict[tuple[int, ...], int] = {}
     node_row, node_pos, node_allowed, node_w = [], [], [], []
     picks: list[list[tuple[int, int]]] = []  # per key: (node, token)
@@ -369,7 +399,7 @@ def sequence_logprobs(model: torch.nn.Module, src_ids: Sequence[int], keys: Sequ
                 state = state_of[prefix]
                 allowed = trie.allowed(state)
                 w = np.ones(allowed.size)
-                if lookahead and sep and allowed.size > 1:
+                if rule and sep and allowed.size > 1:
                     mat, _ = completion_matrix(trie, state, max_completions)
                     w = weights_from_completions(mat, prefix, question, allowed)
                 node = node_of[prefix] = len(node_row)

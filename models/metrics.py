@@ -6,38 +6,11 @@ Score = 0.5·EM_O + 0.5·F1_O; everything is reported ×100.
 """
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from typing import Sequence
+
+from models.lcs import lcs_length, lcs_length_dp  # noqa: F401  (the project's one LCS; re-exported)
 
 KEYS = ("score", "em_s", "em_p", "em_o", "em_all", "f1_s", "f1_p", "f1_o", "f1_all", "n_eval")
-
-
-def lcs_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
-    """Length of the longest common subsequence (bit-parallel, Hyyrö 2004): O(len(a)) big-int ops."""
-    if len(a) < len(b):
-        a, b = b, a  # bits over the shorter sequence
-    m = len(b)
-    if m == 0:
-        return 0
-    match: dict[Hashable, int] = {}
-    for i, x in enumerate(b):
-        match[x] = match.get(x, 0) | (1 << i)
-    full = (1 << m) - 1
-    v = full  # zero bits of v mark the LCS "steps" along b
-    for x in a:
-        u = v & match.get(x, 0)
-        v = ((v + u) | (v - u)) & full
-    return m - v.bit_count()
-
-
-def lcs_length_dp(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
-    """Reference O(len(a)·len(b)) dynamic programme (used by the tests)."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
 
 
 def normalize(text: str) -> str:

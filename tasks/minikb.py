@@ -21,8 +21,9 @@ from typing import Iterable, Literal
 
 import numpy as np
 
+from models.lcs import lcs_rows
 from tasks.kgclue_data import join_subject, normalize_object
-from tasks.storage import atomic_write_text
+from tasks.storage import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,7 @@ def gold_triples(rows: Iterable[dict]) -> list[Triple]:
 
 def lcs_lengths(query: str, candidates: list[str], padded: np.ndarray) -> np.ndarray:
     """LCS length of ``query`` against every candidate (rows of ``padded``, -1 padding)."""
-    n, width = padded.shape
-    prev = np.zeros((n, width + 1), dtype=np.int32)
-    for ch in query:
-        cur = np.zeros_like(prev)
-        match = padded == ord(ch)
-        for j in range(width):
-            cur[:, j + 1] = np.where(match[:, j], prev[:, j] + 1, np.maximum(prev[:, j + 1], cur[:, j]))
-        prev = cur
-    return prev[:, -1]
+    return lcs_rows(padded, [ord(ch) for ch in query])[:, -1]
 
 
 def most_similar(query: str, strings: list[str], padded: np.ndarray, ties: np.ndarray) -> np.ndarray:
@@ -146,7 +139,10 @@ def build_triples(gold: list[Triple], cfg: MiniKbConfig) -> list[Triple]:
 
 
 def write_kb_txt(triples: list[Triple], path: str | Path) -> int:
-    """Write the official format (head\\trelation\\ttail), atomically; returns the line count."""
-    text = "".join(f"{s}\t{p}\t{o}\n" for s, p, o in triples)
-    atomic_write_text(path, text)
+    """Write the official format (head\\trelation\\ttail), atomically; returns the line count.
+    A file that already holds exactly these bytes is left alone (a re-run rewrites nothing)."""
+    data = "".join(f"{s}\t{p}\t{o}\n" for s, p, o in triples).encode("utf-8")
+    path = Path(path)
+    if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+        atomic_write_bytes(path, data)
     return len(triples)

@@ -182,18 +182,21 @@ def test_lookahead_waits_for_the_subject() -> None:
     assert 0.4 ** (1 / w[0]) < 0.2 ** (1 / w[1])  # (weights 1 and 4) had they been applied
 
 
-def bojone_weights(trie: KgTrie, prefix: list[int], question: list[int], allowed: np.ndarray) -> np.ndarray:
-    """Direct transcription of AutoQA.predict's loop (plain DP LCS, every completion)."""
+def bojone_weights(trie: KgTrie, prefix: list[int], question_ids: list[int], allowed: np.ndarray) -> np.ndarray:
+    """Direct transcription of AutoQA.predict's loop (plain DP LCS, every completion): his
+    ``question_ids`` are ``[CLS] Q [SEP]``, his keys ``S [SEP] P [SEP] M`` (no end token)."""
     weights = {int(a): 1.0 for a in allowed}
-    lcs0 = lcs_length_dp(prefix, question)
+    lcs0 = lcs_length_dp(prefix, question_ids)
     for c in trie.completions(walk(trie, prefix)):
         body = prefix + [int(t) for t in c if t != EOS]
-        w = lcs_length_dp(body, question) - lcs0
+        w = lcs_length_dp(body, question_ids) - lcs0
         weights[int(c[0])] = max(w + 1, weights[int(c[0])])
     return np.asarray([weights[int(a)] for a in allowed])
 
 
-def test_lookahead_weights_match_the_reference_loop() -> None:
+@pytest.mark.parametrize("rule", ["ours", "reference"])
+def test_lookahead_weights_match_the_reference_loop(rule: str) -> None:
+    """"reference": bojone's loop on [CLS] Q [SEP] (BOS for [CLS]); "ours": the same loop on Q."""
     triples = random_kb(7, n=120)
     vocab, trie = build(triples)
     rng = random.Random(8)
@@ -201,12 +204,13 @@ def test_lookahead_weights_match_the_reference_loop() -> None:
     for s, p, m in triples[::3]:
         key = vocab.encode(s) + [SEP] + vocab.encode(p) + [SEP] + vocab.encode(m) + [EOS]
         question = [rng.randrange(5, len(vocab)) for _ in range(rng.randint(3, 12))]
+        his = [BOS, *question, SEP] if rule == "reference" else question
         for cut in range(len(vocab.encode(s)) + 1, len(key)):
             prefix = key[:cut]
             state = walk(trie, prefix)
             allowed = trie.allowed(state)
-            got = lookahead_weights(trie, state, np.asarray(prefix), np.asarray(question), allowed)
-            np.testing.assert_array_equal(got, bojone_weights(trie, prefix, question, allowed))
+            got = lookahead_weights(trie, state, np.asarray(prefix), np.asarray(question), allowed, rule=rule)
+            np.testing.assert_array_equal(got, bojone_weights(trie, prefix, his, allowed))
             checked += len(allowed) > 1
     assert checked > 20
     state = walk(trie, vocab.encode(triples[0][0]) + [SEP])  # the cap: only one completion examined
@@ -214,6 +218,43 @@ def test_lookahead_weights_match_the_reference_loop() -> None:
     capped = lookahead_weights(trie, state, np.asarray([]), np.asarray(vocab.encode(triples[0][1])),
                                allowed, max_completions=1)
     assert (capped > 1).sum() <= 1
+
+
+SEP_TRIPLES = [("刘", "甲", "乙"), ("刘", "丙", "")]  # 甲's gain lies after a SEP, 丙's before one
+
+
+def test_reference_lookahead_differs_from_ours_where_the_seps_match() -> None:
+    """Question 刘丙乙, the model prefers 甲 (0.4) to 丙 (0.2) after 刘[SEP].
+
+    ours: both keys cover one more character (甲…乙 the 乙, 丙 the 丙): weights 2 and 2, 甲 stays.
+    reference ([CLS] 刘丙乙 [SEP]): 刘[SEP] already matches 2; 刘[SEP]甲[SEP]乙 still 2 (gain 0),
+    刘[SEP]丙[SEP] matches 刘丙[SEP] = 3 (gain 1): weights 1 and 2, and 0.2**0.5 > 0.4 flips to 丙.
+    """
+    vocab, trie = build(SEP_TRIPLES, extra="刘丙乙")
+    V, q = len(vocab), np.asarray(vocab.encode("刘丙乙"))
+    prefer = {vocab.encode("甲")[0]: 0.4, vocab.encode("丙")[0]: 0.2}
+
+    def step(tokens: torch.Tensor, state):
+        lp = torch.full((tokens.size(0), V), 1.0 / V)
+        for i, row in enumerate(tokens.tolist()):
+            if row[-1] == SEP:
+                lp[i] = (1.0 - sum(prefer.values())) / (V - len(prefer))
+                for t, p in prefer.items():
+                    lp[i, t] = p
+        return lp.log(), state
+
+    predicate = lambda la: vocab.decode(beam_search(  # noqa: E731
+        step, trie, 1, beam_size=1, max_len=12, lookahead=la, question_ids=[q])[0][0].tokens,
+        stop_at_eos=False).split("[SEP]")[1]
+    assert predicate(False) == predicate(True) == predicate("ours") == "甲"
+    assert predicate("reference") == "丙"
+    state = walk(trie, vocab.encode("刘") + [SEP])
+    allowed, prefix = trie.allowed(state), np.asarray(vocab.encode("刘") + [SEP])
+    weights = lambda rule: dict(zip(vocab.decode(allowed),  # noqa: E731
+                                    lookahead_weights(trie, state, prefix, q, allowed, rule=rule)))
+    assert weights("ours") == {"甲": 2.0, "丙": 2.0} and weights("reference") == {"甲": 1.0, "丙": 2.0}
+    with pytest.raises(ValueError, match="lookahead"):
+        beam_search(step, trie, 1, beam_size=1, max_len=12, lookahead="bojone", question_ids=[q])
 
 
 def test_carried_completions_equal_fresh_ones(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,6 +294,28 @@ def test_lcs_rows_matches_dp() -> None:
     for s in seqs[:10]:  # the bit-parallel prefix row equals the DP row
         s = s[s >= 0]
         np.testing.assert_array_equal(lcs_prefix_row(s, q), lcs_rows(s[None, :], q)[0])
+
+
+def test_one_shared_lcs_for_metrics_lookahead_and_minikb() -> None:
+    """models/lcs.py is the project's LCS: metrics, decoding and the mini-KB use it, and its
+    bit-parallel, batched and continued forms agree with the plain DP."""
+    import models.decoding as dec
+    import models.lcs as lcs
+    import models.metrics as met
+    import tasks.minikb as minikb
+    assert met.lcs_length is lcs.lcs_length and dec.lcs_rows is lcs.lcs_rows and dec.lcs_prefix_row is lcs.lcs_row
+    assert minikb.lcs_rows is lcs.lcs_rows
+    rng = random.Random(4)
+    for _ in range(100):
+        a = [rng.randrange(4) for _ in range(rng.randint(0, 12))]
+        b = [rng.randrange(4) for _ in range(rng.randint(0, 12))]
+        c = [rng.randrange(4) for _ in range(rng.randint(1, 6))]
+        ref = lcs.lcs_length_dp(a, b)
+        assert lcs.lcs_length(a, b) == lcs.lcs_length(b, a) == int(lcs.lcs_row(a, b)[-1]) == ref
+        assert int(lcs.lcs_rows(np.asarray([a + [-1]]), b)[0, -1]) == ref  # -1 padding matches nothing
+        np.testing.assert_array_equal(lcs.lcs_rows(np.asarray([c]), b, start=lcs.lcs_row(a, b))[0],
+                                      lcs.lcs_row(a + c, b))  # continuing a row = the longer sequence
+    assert lcs.lcs_length("主讲课程", "主要讲什么课程") == 4
 
 
 def test_empty_allowed_set_on_live_beam_raises() -> None:

@@ -11,7 +11,8 @@ from models.decoding import constrained_beam_search, sequence_logprobs
 from models.ranker import (SEG_M, SEG_O, SEG_P, SEG_Q, SEG_SUBJ, Ranker, RankerConfig, encode_candidate,
                            lcs_len, log_softmax, make_ranker_batch, mask_subject)
 from models.vocab import BOS, EOS, SEP, UNK, CharVocab
-from tasks.evaluate import Reranker, candidate_keys, predict, rerank, split_key
+from models.decoding import Hypothesis
+from tasks.evaluate import Reranker, candidate_keys, predict, rerank
 from tests.test_decoding import LOOKAHEAD_TRIPLES, build, random_kb, random_questions, tiny_model
 
 
@@ -106,8 +107,8 @@ def test_group_size_must_divide() -> None:
         make_ranker_batch(toy_groups(vocab, random.Random(0), 2, g=3), 4)
 
 
-@pytest.mark.parametrize("lookahead", [False, True])
-def test_exhaustive_scores_equal_the_beam_search_scores(lookahead: bool) -> None:
+@pytest.mark.parametrize("lookahead", [False, True, "reference"])
+def test_exhaustive_scores_equal_the_beam_search_scores(lookahead) -> None:
     vocab, trie = build(random_kb(3, n=14) + LOOKAHEAD_TRIPLES, extra="主要讲什么课程")
     model, batch = tiny_model(len(vocab), seed=4), random_questions(vocab, 5, seed=5)
     res = constrained_beam_search(model, trie, batch["src_ids"], batch["src_mask"], beam_size=4,
@@ -174,14 +175,68 @@ def test_predict_with_a_reranker_picks_the_best_combined_kb_key(tmp_path) -> Non
         hyps = constrained_beam_search(model, trie, *make_q(vocab, q).values(), beam_size=3, lookahead=True)[0]
         key, _ = rerank(model, rr, trie, index, vocab, q, s_ids, hyps)
         assert key == pr.key_id
-        keys = candidate_keys(trie, hyps, 2, 256)
+        keys = candidate_keys(trie, hyps, 2, 256)  # fewer than max_candidates: none pruned
         toks = [trie.key_tokens(int(k)) for k in keys]
         enc = []
-        for k, t in zip(keys, toks):
-            s, p, m = split_key(t, vocab)
+        for k in keys:
+            s, p, m = index.key_strings(int(k))
             enc.append(encode_candidate(vocab, q, s, p, m, index.objects(int(k))[0]))
         with torch.no_grad():
             r = ranker.score(make_ranker_batch(enc)).double().numpy()
         g = sequence_logprobs(model, s_ids, toks, trie, lookahead=True)
         assert key == keys[int(np.argmax(log_softmax(r) + log_softmax(g)))]
     assert len(plain) == len(preds) and all(p.key_id >= 0 for p in plain)
+
+
+class FavouringGenerator(torch.nn.Module):
+    """A stand-in generator whose next-token logits favour one key's tokens at every step."""
+
+    def __init__(self, vocab_size: int, key: np.ndarray):
+        super().__init__()
+        self.V, self.key = vocab_size, [int(t) for t in key]
+
+    def encode(self, src, mask):
+        return torch.zeros(src.size(0), src.size(1), 1)
+
+    def decode(self, memory, mask, tgt, src):
+        out = torch.zeros(tgt.size(0), tgt.size(1), self.V)
+        for t in range(min(tgt.size(1), len(self.key))):
+            out[:, t, self.key[t]] = 5.0
+        return out
+
+
+class FlatRanker(torch.nn.Module):
+    def score(self, batch):
+        return torch.zeros(batch["ids"].size(0))
+
+
+def test_reranker_cap_keeps_the_generators_best_keys(tmp_path) -> None:
+    """A hub subject with 40 keys, max_candidates 8, the gold key last in token order: the
+    generator prefers it, so it must reach the re-ranker (a token-order cap cut it)."""
+    from tasks.kb import ingest_kb
+    from tasks.trie_build import build_trie_index, load_trie_index
+    from tasks.vocab import build_vocab, load_vocab
+    chars = "甲乙丙丁戊己庚辛"
+    preds = sorted({a + b for a in chars for b in chars})[:40]
+    (tmp_path / "kb.txt").write_text("".join(f"王五\t{p}\t{p}值\n" for p in preds) + "赵六\t甲甲\t某\n", "utf-8")
+    ingest_kb(tmp_path / "kb.txt", tmp_path / "kb")
+    build_vocab(["王五是什么"], tmp_path / "kb", tmp_path / "vocab", "t")
+    vocab = load_vocab(tmp_path / "vocab")
+    build_trie_index(tmp_path / "kb", tmp_path / "vocab", tmp_path / "trie", log=lambda *_: None)
+    trie, index = load_trie_index(tmp_path / "trie", vocab)
+    hub = trie.key_parts(index.key_ids("王五", preds[0], "")[0])[0]
+    keys = [k for k in range(len(trie)) if trie.key_parts(k)[0] == hub]
+    gold = max(keys, key=lambda k: trie.key_tokens(k).tolist())
+    assert len(keys) == 40 and index.key_ids("王五", preds[-1], "") == [gold]
+    gen = FavouringGenerator(len(vocab), trie.key_tokens(gold))
+    src = vocab.encode("王五是什么")
+    hyps = [Hypothesis(keys[0], 0.0, trie.key_tokens(keys[0]))]  # the beam found another key of 王五
+    rr = Reranker((FlatRanker(),), n_subjects=1, max_candidates=8)
+    key, _ = rerank(gen, rr, trie, index, vocab, "王五是什么", src, hyps)
+    assert key == gold
+    from tasks.evaluate import generator_scores, top_by_score
+    model = tiny_model(len(vocab), seed=3)
+    toks = [trie.key_tokens(k) for k in keys]
+    np.testing.assert_allclose(generator_scores(model, src, toks, trie, True, batch=7),
+                               sequence_logprobs(model, src, toks, trie, lookahead=True), atol=1e-9)
+    assert top_by_score(np.array([0.0, 3.0, 1.0, 3.0, -1.0]), 3).tolist() == [1, 2, 3]

@@ -139,7 +139,10 @@ def test_build_save_mmap_load_and_lookup(tmp_path):
     vocab = load_vocab(tmp_path / "vocab")
     m = build_trie_index(tmp_path / "kb", tmp_path / "vocab", tmp_path / "trie", log=lambda *_: None)
     assert m["keys"] == 5 and m["entities"] == 5 and m["triples"] == 6
+    assert m["colliding_keys"] == 0 and m["string_variants"] == 5 and m["collision_examples"] == []
     trie, index = load_trie_index(tmp_path / "trie", vocab)
+    assert [index.key_strings(k) for k in index.key_ids("张三", "性别")] == [("张三", "性别", "歌手"),
+                                                                          ("张三", "性别", "演员")]
     assert trie.mmapped and isinstance(np.load(tmp_path / "trie" / "s_label.npy", mmap_mode="r"), np.memmap)
     assert index.lookup("张三", "性别", "演员") == ["男"]
     assert index.lookup("张三", "性别", "歌手") == ["女"]
