@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 VPY := $(VENV)/bin/python
-REQ_HASH := $(shell cat requirements.txt constraints.txt | sha256sum | cut -c1-12)
+REQ_HASH := $(shell cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 DATA_DIR ?= $(shell [ -d ../shared/data/kgclue ] && echo ../shared/data/kgclue)
 OUT ?= runs/demo
@@ -14,10 +14,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -c constraints.txt -r requirements.txt
+	# The project itself (pyproject.toml: the same pins, the `trieflow` command), editable.
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	# Prebuild DeepSpeed's shm comm op once, so no training run JIT-compiles it (~40-90 s, 6 GB).
 	DS_BUILD_SHM_COMM=1 $(VPY) -m pip install -q --no-build-isolation --no-cache-dir \
 	    --force-reinstall --no-deps -c constraints.txt deepspeed==0.19.8

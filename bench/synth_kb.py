@@ -4,11 +4,17 @@ Official figures (ALGORITHMS.md §3): 3,121,457 entities, 245,838 relations, 20,
 triples. Here, at ``scale`` 1.0: the same counts; base names of 2-9 characters drawn from
 ~6,000 CJK characters with a Zipf-like frequency, 27% of entities with a （disambiguation）
 of 3-14 characters, ~15% of entities sharing a base name with another (homonyms),
-out-degree ~ 1 + Poisson(5.6), relations drawn Zipf-like (a few thousand frequent, a long
-tail), relation names of 2-7 characters, objects of 1-16 characters with occasional
-spaces. Deterministic per seed.
+a heavy-tailed out-degree (the real KB has hub entities with thousands of triples): 0.03% of
+entities are hubs with log-uniform 500-8,000 triples, the rest 1 + Poisson(~4.8), for the
+official mean of 6.59; relations drawn Zipf-like (a few thousand frequent, a long tail),
+relation names of 2-7 characters, objects of 1-16 characters with occasional spaces.
+Deterministic per seed.
 
-    python -m bench.synth_kb --scale 0.01 --out /tmp/kb.txt
+``--answers FILE ...`` appends the gold triples of labelled KgCLUE files, so the pipeline can be
+scored against the KB; ``--gold-hubs F`` turns a fraction F of those gold subjects into hubs
+(300-3,000 extra triples each), so the re-ranker's candidate cap is exercised on them.
+
+    python -m bench.synth_kb --scale 0.01 --out /tmp/kb.txt [--answers dev.json --gold-hubs 0.05]
 """
 from __future__ import annotations
 
@@ -32,7 +38,48 @@ def _strings(rng: np.random.Generator, n: int, lo: int, hi: int, p: np.ndarray) 
     return [text[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
 
 
-def generate(path: str | Path, scale: float = 1.0, seed: int = 0, log=print) -> dict:
+HUB_FRAC, HUB_LO, HUB_HI = 0.0003, 500, 8000
+
+
+def heavy_tailed_degrees(rng: np.random.Generator, n_ent: int, n_tri: int) -> np.ndarray:
+    """Out-degrees summing to ``n_tri``: hubs (log-uniform HUB_LO..HUB_HI) and 1 + Poisson."""
+    hub = rng.random(n_ent) < HUB_FRAC
+    hub_deg = np.exp(rng.uniform(np.log(HUB_LO), np.log(HUB_HI), int(hub.sum()))).astype(np.int64)
+    rest = n_tri - int(hub_deg.sum())
+    lam = max(0.0, rest / max(1, n_ent - int(hub.sum())) - 1)
+    degree = 1 + rng.poisson(lam, n_ent)
+    degree[hub] = hub_deg
+    degree[-1] += max(0, n_tri - int(degree.sum()))  # exact triple count
+    return degree
+
+
+def gold_lines(files: list[Path], rng: np.random.Generator, relations: list[str], gold_hubs: float,
+               char_p: np.ndarray) -> tuple[list[str], int]:
+    """Lines of the labelled files' answers, plus extra triples for the gold subjects chosen as hubs."""
+    import json
+    lines, subjects = [], []
+    for f in files:
+        for raw in Path(f).read_text("utf-8").splitlines():
+            if not raw.strip():
+                continue
+            parts = json.loads(raw).get("answer", "").split(" ||| ")
+            if len(parts) == 3:
+                lines.append("\t".join(parts) + "\n")
+                subjects.append(parts[0])
+    hubs = sorted(set(subjects))
+    hubs = [hubs[i] for i in rng.permutation(len(hubs))[:int(round(gold_hubs * len(hubs)))]]
+    extra = 0
+    for s in hubs:
+        k = int(rng.integers(300, 3001))
+        rel = rng.choice(len(relations), size=k)
+        objs = _strings(rng, k, 1, 16, char_p)
+        lines.extend(f"{s}\t{relations[r]}\t{o}\n" for r, o in zip(rel.tolist(), objs))
+        extra += k
+    return lines, extra
+
+
+def generate(path: str | Path, scale: float = 1.0, seed: int = 0, log=print, answers: list[Path] | None = None,
+             gold_hubs: float = 0.0) -> dict:
     """Write the KB to ``path`` (official format); return its counts."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -53,8 +100,7 @@ def generate(path: str | Path, scale: float = 1.0, seed: int = 0, log=print) -> 
     relations = _strings(rng, n_rel, 2, 7, char_p)
     rel_p = 1.0 / np.arange(1, n_rel + 1) ** 1.1
     rel_p /= rel_p.sum()
-    degree = 1 + rng.poisson(n_tri / n_ent - 1, n_ent)
-    degree[-1] += max(0, n_tri - int(degree.sum()))  # exact triple count
+    degree = heavy_tailed_degrees(rng, n_ent, n_tri)
     ent_of = np.repeat(np.arange(n_ent), degree)[:n_tri]
     log(f"synth-kb: {n_ent:,} entities, {n_rel:,} relations, {n_tri:,} triples ({time.perf_counter() - t0:.0f}s)")
     written = 0
@@ -68,8 +114,12 @@ def generate(path: str | Path, scale: float = 1.0, seed: int = 0, log=print) -> 
                      for e, r, o, s in zip(ent_of[a:b].tolist(), rel.tolist(), objs, space.tolist())]
             f.write("".join(lines))
             written += len(lines)
+        gold, extra = gold_lines(list(answers or []), rng, relations, gold_hubs, char_p)
+        f.write("".join(gold))
     log(f"synth-kb: wrote {path} ({Path(path).stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f}s")
-    return {"entities": n_ent, "relations": n_rel, "triples": written, "bytes": Path(path).stat().st_size}
+    return {"entities": n_ent, "relations": n_rel, "triples": written + len(gold), "synthetic_triples": written,
+            "gold_triples": len(gold) - extra, "gold_hub_triples": extra, "max_degree": int(degree.max()),
+            "hubs": int((degree >= HUB_LO).sum()), "bytes": Path(path).stat().st_size}
 
 
 if __name__ == "__main__":
@@ -77,5 +127,7 @@ if __name__ == "__main__":
     ap.add_argument("--scale", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--answers", type=Path, nargs="*", help="labelled KgCLUE files whose answers join the KB")
+    ap.add_argument("--gold-hubs", type=float, default=0.0, help="fraction of gold subjects made hubs")
     a = ap.parse_args()
-    generate(a.out, a.scale, a.seed)
+    print(generate(a.out, a.scale, a.seed, answers=a.answers, gold_hubs=a.gold_hubs))

@@ -39,6 +39,34 @@ InputFile = Annotated[Path | None, AfterValidator(_file)]
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (DataQualityError, KbFormatError, IncompleteOutput, FileNotFoundError)
 
 
+class RefusalFilter:
+    """A logging filter: a task or flow run that fails on an expected refusal (one of
+    :data:`KNOWN_ERRORS`: bad data, a bad KB, an incomplete input) is logged as one line, not
+    with its traceback; the CLI then prints the refusal itself as the last message. Anything
+    else keeps its traceback."""
+
+    def filter(self, record) -> bool:  # noqa: A003 - logging's name
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc, KNOWN_ERRORS):
+            record.exc_info, record.exc_text = None, None
+            record.msg = f"{record.getMessage().splitlines()[0][:300]} (refused: see the error below)"
+            record.args = ()
+        return True
+
+
+def install_refusal_filter() -> None:
+    """Attach :class:`RefusalFilter` to the handlers that print Prefect's run logs."""
+    import logging
+    flt = RefusalFilter()
+    for name in ("prefect", "prefect.task_runs", "prefect.flow_runs", "prefect.flow_engine", "prefect.task_engine"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, RefusalFilter) for f in lg.filters):
+            lg.addFilter(flt)
+        for h in lg.handlers:
+            if not any(isinstance(f, RefusalFilter) for f in h.filters):
+                h.addFilter(flt)
+
+
 def _quiet_prefect_shutdown() -> None:
     """Send pending Prefect logs, then stop the temporary API server now rather than at exit.
 
@@ -73,6 +101,7 @@ def run_cli(prog: str, parse: Callable[[list[str] | None], Any], run: Callable[[
     except ValidationError as e:
         print(f"{prog}: invalid parameters:\n{e}", file=sys.stderr)
         return 2
+    install_refusal_filter()
     try:
         metrics = run(cfg)
     except KNOWN_ERRORS as e:

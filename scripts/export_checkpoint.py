@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.storage import write_manifest  # noqa: E402
+from tasks.storage import MANIFEST, atomic_path, write_manifest  # noqa: E402
 from tasks.train import MODEL_CONFIG, MODEL_FILE  # noqa: E402
 
 
@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = max(pick, key=lambda r: r["metrics"]["step"])
     ckpt = snaps[0].parent / chosen["checkpoint_dir_name"]
     (a.dest / "model").mkdir(parents=True, exist_ok=True)
+    (a.dest / "model" / MANIFEST).unlink(missing_ok=True)  # incomplete until the manifest is rewritten
     for f in (MODEL_FILE, MODEL_CONFIG):
-        shutil.copyfile(ckpt / f, a.dest / "model" / f)
+        with atomic_path(a.dest / "model" / f) as tmp:  # temp name + rename, like every output
+            shutil.copyfile(ckpt / f, tmp)
     shutil.copytree(a.run_out / "vocab", a.dest / "vocab", dirs_exist_ok=True)
     write_manifest(a.dest / "model", [MODEL_FILE, MODEL_CONFIG], run_name=snaps[0].parent.name,
                    steps=chosen["metrics"]["step"], final_loss=chosen["metrics"]["loss"], checkpoint=str(ckpt),

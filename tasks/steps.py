@@ -21,7 +21,7 @@ from tasks import reporting
 from tasks.kb import ingest_kb
 from tasks.kgclue_data import prepare
 from tasks.minikb import MiniKbConfig, build_triples, gold_triples, write_kb_txt
-from tasks.storage import read_manifest, reusable, write_manifest
+from tasks.storage import MANIFEST, atomic_path, read_manifest, reusable, write_manifest
 from tasks.trie_build import build_trie_index
 from tasks.vocab import build_vocab
 
@@ -103,7 +103,7 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
     from tasks.train import MODEL_CONFIG, MODEL_FILE, TrainSpec, train
     logger = get_run_logger()
     spec = TrainSpec(**{**spec_dict, "splits": tuple(spec_dict["splits"])})
-    name = spec.run_name()
+    name = spec.run_name()  # content-addressed: the inputs' manifest hashes, not their paths
     if (done := reusable(model_out, run_name=name)) is not None:
         logger.info("train-%s: %s already trained (%s); not recomputed", spec.task, name, model_out)
         return done
@@ -111,7 +111,13 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
     pid = reporting.progress(key, 0.0, f"{name}: starting Ray Train ({spec.num_workers} workers)")
 
     def on_progress(p: dict) -> None:
-        desc = (f"step {p['step']}/{p['steps']} · loss {p['loss']:.4f} · {p['tokens_per_s']:,.0f} tokens/s · "
+        if p.get("event") == "validation":
+            logger.info("train-%s: validation at step %s: %s", spec.task, p["step"],
+                        {k: round(v, 4) for k, v in p.items() if isinstance(v, float)})
+            return
+        extra = "".join(f" · {k} {v:.4f}" for k, v in p.items()
+                        if k not in ("step", "steps", "loss", "tokens_per_s", "lr", "eta_s") and isinstance(v, float))
+        desc = (f"step {p['step']}/{p['steps']} · loss {p['loss']:.4f}{extra} · {p['tokens_per_s']:,.0f} tokens/s · "
                 f"ETA {p['eta_s']:.0f}s")
         logger.info("train-%s: %s", spec.task, desc)
         reporting.update_progress(pid, 100.0 * p["step"] / p["steps"], desc)
@@ -119,11 +125,15 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
     res = train(spec, storage, ray_address, max_failures, on_progress=on_progress)
     out = Path(model_out)
     out.mkdir(parents=True, exist_ok=True)
-    for f in (MODEL_FILE, MODEL_CONFIG):
-        shutil.copyfile(Path(res.checkpoint_dir) / f, out / f)
-    manifest = write_manifest(out, [MODEL_FILE, MODEL_CONFIG], run_name=name, steps=res.steps,
+    (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest is written
+    files = [MODEL_FILE, MODEL_CONFIG] + [f for f in ("validation.json",) if (Path(res.checkpoint_dir) / f).is_file()]
+    for f in files:
+        with atomic_path(out / f) as tmp:
+            shutil.copyfile(Path(res.checkpoint_dir) / f, tmp)
+    manifest = write_manifest(out, files, run_name=name, steps=res.steps,
                               final_loss=res.final_loss, tokens_per_s=res.tokens_per_s, train_wall_s=res.wall_s,
-                              checkpoint=res.checkpoint_dir, spec=spec_dict)
+                              checkpoint=res.checkpoint_dir, spec=spec_dict, content=spec.content(),
+                              accelerator=spec.accelerator()[0], validations=res.validations)
     reporting.table("train-history" if spec.task == "seq2seq" else f"train-{spec.task}-history", [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
                                       for h in res.history], f"Training of {name}: loss and tokens/s per 5 steps")
     return manifest
@@ -131,13 +141,13 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_step(model_dir: str, vocab_dir: str, trie_dir: str, rows: list[dict], out_dir: str, name: str,
-                  beam: int, lookahead: bool, constrained: bool = True,
-                  ranker_dirs: list[str] | None = None) -> dict[str, Any]:
+                  beam: int, lookahead: bool | str, constrained: bool = True,
+                  ranker_dirs: list[str] | None = None, max_src_len: int | None = None) -> dict[str, Any]:
     """Beam search (+ re-ranking when ``ranker_dirs`` hold trained re-rankers) + KB lookup +
     official metrics for ``rows``; predictions on disk."""
     import torch
 
-    from tasks.evaluate import Reranker, run_eval
+    from tasks.evaluate import Reranker, run_eval, trained_max_src_len
     from tasks.train import load_trained_model
     from tasks.trie_build import load_trie_index
     from tasks.vocab import load_vocab
@@ -146,14 +156,16 @@ def evaluate_step(model_dir: str, vocab_dir: str, trie_dir: str, rows: list[dict
     vocab = load_vocab(vocab_dir)
     trie, index = load_trie_index(trie_dir, vocab)
     model = load_trained_model(model_dir)
-    reranker = (Reranker(tuple(load_trained_model(d) for d in ranker_dirs), lookahead=lookahead)
-                if ranker_dirs else None)
+    if max_src_len is None:  # the length the model was trained with (no train/eval skew)
+        max_src_len = trained_max_src_len(model_dir)
+    reranker = (Reranker(tuple(load_trained_model(d) for d in ranker_dirs), lookahead=lookahead,
+                         max_src_len=trained_max_src_len(ranker_dirs[0])) if ranker_dirs else None)
     pid = reporting.progress(f"evaluate-{name.replace('_', '-')}", 0.0, f"decoding {len(rows)} questions")
 
     def progress(done: int, total: int) -> None:
         reporting.update_progress(pid, 100.0 * done / max(1, total), f"{done}/{total} questions decoded")
 
     metrics = run_eval(model, trie, index, vocab, rows, Path(out_dir), name, beam=beam, lookahead=lookahead,
-                       constrained=constrained, reranker=reranker, progress=progress)
+                       constrained=constrained, reranker=reranker, progress=progress, max_src_len=max_src_len)
     logger.info("evaluate %s: %s", name, metrics)
     return metrics

@@ -17,10 +17,6 @@ import flows  # noqa: E402,F401  (the rest of the embedded defaults)
 KGCLUE = ROOT.parent / "shared" / "data" / "kgclue"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes-long tests (still run by .ci/run)")
-
-
 @pytest.fixture(scope="session")
 def kgclue_dir() -> Path:
     if not (KGCLUE / "train.json").is_file():

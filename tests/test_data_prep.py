@@ -112,3 +112,17 @@ def test_prepare_skips_when_inputs_unchanged_and_redoes_when_changed(tmp_path):
     assert (tmp_path / "o" / "dev.parquet").stat().st_mtime_ns == mtime
     src.write_text("\n".join(GOOD % (i, i, i, i) for i in range(6)) + "\n", "utf-8")
     assert prepare({"dev": src}, tmp_path / "o")["splits"]["dev"]["rows"] == 6
+
+
+def test_conservation_is_counted_from_the_file_not_the_parser(tmp_path):
+    """count in = out + quarantined is checked against the file's own line count, so a parser
+    that lost a line fails loudly (before: an assert on the parser's own counter)."""
+    from tasks.kgclue_data import check_conservation, count_lines
+    f = tmp_path / "x.json"
+    f.write_bytes(b'{"a": 1}\n\n{"b": 2}')  # 3 lines, the last unterminated
+    assert count_lines(f) == 3
+    f.write_bytes(b"a\r\nb\r\n")
+    assert count_lines(f) == 2
+    check_conservation(f, 3, 2, 1)
+    with pytest.raises(AssertionError, match="row conservation violated.*3 lines but 2 rows"):
+        check_conservation(f, 3, 2, 0)

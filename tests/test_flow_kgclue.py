@@ -27,25 +27,30 @@ def test_pipeline_writes_metrics_predictions_and_artifacts(first_run):
     cfg, metrics = first_run
     assert set(METRIC_KEYS) <= set(metrics) and metrics["n_eval"] == 40
     assert json.loads((cfg.out / "metrics.json").read_text("utf-8")) == metrics
-    assert 0 <= metrics["score"] <= 100 and metrics["train_tokens_per_s"] > 0
-    assert metrics["reranked"] is True and len(metrics["ranker_run_names"]) == 1  # tiny: one re-ranker
-    assert (cfg.out / "ranker" / "manifest.json").is_file()
-    lines = (cfg.out / "eval" / "kgclue_predict.json").read_text("utf-8").splitlines()
-    assert len(lines) == 20
-    rec = json.loads(lines[0])
-    assert set(rec) == {"id", "question", "answer"} and rec["answer"].count(" ||| ") == 2
-    assert (cfg.out / "eval" / "kgclue_predict.zip").is_file()
+    assert metrics["train_tokens_per_s"] > 0 and metrics["attention"] == "softmax"
+    assert len(metrics["ranker_run_names"]) == 1 and (cfg.out / "ranker" / "manifest.json").is_file()  # tiny: one
+    # the ensemble size (0 = beam alone, or the one re-ranker) was chosen on the validation slice
+    v = metrics["validation"]
+    assert set(v["val_scores"]) == {"0", "1"} and v["val_n"] > 0
+    assert metrics["rankers_used"] == v["rankers"] and metrics["reranked"] == (v["rankers"] > 0)
+    assert v["val_scores"][str(v["rankers"])] == max(v["val_scores"].values())
+    assert metrics["cpu"] and isinstance(metrics["ranker_cpu_bf16"], bool)
+    # under the mini-KB protocol test's subjects are not in the KB: no leaderboard file is written
+    assert metrics["leaderboard_file"] is False and not (cfg.out / "eval" / "kgclue_predict.json").exists()
+    preds = [json.loads(x) for x in (cfg.out / "eval" / "dev_predict.json").read_text("utf-8").splitlines()]
+    assert len(preds) == 40
     # every predicted (S, P, M) is a KB key: constrained decoding never leaves the trie
     kb = {tuple(x.split("\t")[:2]) for x in (cfg.out / "kb.txt").read_text("utf-8").splitlines()}
-    for line in lines:
-        s, p, _ = json.loads(line)["answer"].split(" ||| ")
+    for rec in preds:
+        s, p, _ = rec["answer"].split(" ||| ")
         assert (s, p) in kb
 
 
 def test_rerun_recomputes_nothing(first_run):
     cfg, metrics = first_run
     stamp = {p: p.stat().st_mtime_ns for p in [cfg.out / "data" / "train.parquet", cfg.out / "trie" / "s_label.npy",
-                                                cfg.out / "model" / "model.pt", cfg.out / "ranker" / "model.pt"]}
+                                                cfg.out / "model" / "model.pt", cfg.out / "ranker" / "model.pt",
+                                                cfg.out / "kb.txt", cfg.out / "vocab" / "manifest.json"]}
     t0 = time.perf_counter()
     again = kgclue_pipeline(cfg)
     assert {k: again[k] for k in METRIC_KEYS} == {k: metrics[k] for k in METRIC_KEYS}
@@ -65,6 +70,45 @@ def test_from_run_evaluates_against_another_kb_and_eval_file(first_run, sample, 
     assert m["run_name"] == json.loads((cfg.out / "model" / "manifest.json").read_text())["run_name"]
     assert not (out / "ray").exists() and not (out / "model").exists(), "no training with --from-run"
     assert m["kb_triples"] == 40
+    # a real KB is given: the leaderboard file is written, one answer per test question
+    assert m["leaderboard_file"] is True
+    lines = (out / "eval" / "kgclue_predict.json").read_text("utf-8").splitlines()
+    assert len(lines) == 20 and (out / "eval" / "kgclue_predict.zip").is_file()
+    rec = json.loads(lines[0])
+    assert set(rec) == {"id", "question", "answer"} and rec["answer"].count(" ||| ") == 2
+
+
+def test_same_out_with_other_inputs_trains_again_and_same_inputs_do_not(prefect_harness, ray_local, tmp_path):
+    """Run identity is content: the same --out with another data set rebuilds data, vocabulary
+    and trie AND retrains; the same inputs again train nothing."""
+    out = tmp_path / "same-out"
+    a = write_sample(tmp_path / "a", n_train=120, n_dev=10, n_test=2, seed=1)
+    b = write_sample(tmp_path / "b", n_train=120, n_dev=10, n_test=2, seed=2)
+
+    def run(data):
+        m = kgclue_pipeline(KgcluePipelineConfig(preset="tiny", out=out, data_dir=data, steps=10, rerank=False))
+        man = json.loads((out / "model" / "manifest.json").read_text())
+        return m, man, (out / "model" / "model.pt").stat().st_mtime_ns
+
+    m1, man1, t1 = run(a)
+    m2, man2, t2 = run(b)
+    assert man2["run_name"] != man1["run_name"] and t2 != t1, "other data: a new training"
+    assert man2["content"]["data_dir"] != man1["content"]["data_dir"]
+    m3, man3, t3 = run(b)
+    assert man3["run_name"] == man2["run_name"] and t3 == t2, "same inputs: no training"
+
+
+@pytest.mark.slow
+def test_tiny_preset_on_real_kgclue_clears_a_quality_floor(prefect_harness, ray_local, kgclue_dir, tmp_path):
+    """The tiny preset on the real KgCLUE files, end to end, scores at least 80 on a 400-question
+    slice of dev (mini-KB protocol; the README's full-dev figure is ~89): a model that collapsed
+    would fail here, not pass as '0 <= score <= 100'."""
+    dev = kgclue_dir / "dev.json"
+    sliced = tmp_path / "dev-slice.json"
+    sliced.write_text("".join(dev.read_text("utf-8").splitlines(keepends=True)[:400]), "utf-8")
+    m = kgclue_pipeline(KgcluePipelineConfig(preset="tiny", out=tmp_path / "real", data_dir=kgclue_dir,
+                                             eval_file=sliced))
+    assert m["n_eval"] == 400 and m["score"] >= 80.0, m
 
 
 def test_held_out_eval_file_joins_the_mini_kb(first_run, sample, tmp_path):
@@ -75,7 +119,9 @@ def test_held_out_eval_file_joins_the_mini_kb(first_run, sample, tmp_path):
     out = tmp_path / "held-run"
     m = kgclue_pipeline(KgcluePipelineConfig(preset="tiny", out=out, data_dir=sample, eval_file=held,
                                              from_run=cfg.out))
-    assert m["eval_set"] == "eval" and m["n_eval"] == 30 and m["reranked"] is True
+    assert m["eval_set"] == "eval" and m["n_eval"] == 30
+    # the earlier run's re-ranker was a candidate; the validation slice decided whether to use it
+    assert set(m["validation"]["val_scores"]) == {"0", "1"} and m["reranked"] == (m["validation"]["rankers"] > 0)
     kb = {tuple(x.split("\t")[:2]) for x in (out / "kb.txt").read_text("utf-8").splitlines()}
     gold = [json.loads(x)["answer"].split(" ||| ")[:2] for x in held.read_text("utf-8").splitlines()]
     assert all(tuple(g) in kb for g in gold)
@@ -85,3 +131,23 @@ def test_held_out_eval_file_joins_the_mini_kb(first_run, sample, tmp_path):
 def test_from_run_must_be_a_finished_run(tmp_path):
     with pytest.raises(ValidationError, match="from_run"):
         KgcluePipelineConfig(out=tmp_path, from_run=tmp_path)
+
+
+def test_density_stage_scores_every_question_and_separates_corrupted_ones(first_run, sample, tmp_path):
+    """--density on an earlier run's model: a VAE (trainer task vae) on the encoder's pooled
+    question encodings; every dev question gets log q(x); AUROC against corrupted questions
+    and accuracy per density decile are reported. A small sample: the numbers are only
+    checked to be consistent here (the README's figure comes from the real data)."""
+    import pyarrow.parquet as pq
+    cfg, _ = first_run
+    out = tmp_path / "density"
+    m = kgclue_pipeline(KgcluePipelineConfig(preset="tiny", out=out, data_dir=sample, from_run=cfg.out,
+                                             rerank=False, density=True))
+    d = json.loads((out / "density" / "density.json").read_text())
+    table = pq.read_table(out / "eval" / "density.parquet").to_pylist()
+    assert len([r for r in table if r["split"] == "dev"]) == 40 and len(table) == 60
+    assert all(r["log_q"] == r["log_q"] for r in table)  # no NaN
+    assert {c["corruption"] for c in d["auroc"]} == {"char_shuffled", "random_chars", "kb_objects"}
+    assert all(0.0 <= c["auroc"] <= 1.0 for c in d["auroc"]) and m["density_auroc"]["random_chars"] > 0.5
+    assert sum(r["n"] for r in d["deciles"]) == 40
+    assert (out / "density" / "model" / "manifest.json").is_file()

@@ -131,7 +131,9 @@ def check_stderr(err: str, prog: str, failed: bool) -> None:
                 + "\n".join(lines[max(0, i - 3):j + 3]))
         assert not line.startswith(("During handling of the above exception",
                                     "The above exception was the direct cause")), "chained library exception"
-    if failed:
+    if failed:  # an expected refusal reads as one clear error: no traceback at all, ours included
+        assert not any(line.startswith("Traceback (most recent call last):") for line in lines), (
+            "a refusal printed a traceback:\n" + err[-3000:])
         starts = [i for i, line in enumerate(lines) if line.startswith(f"{prog}: error: ")]
         assert starts, f"no '{prog}: error:' message on stderr:\n{err[-3000:]}"
         tail = lines[starts[-1]:]
@@ -411,14 +413,17 @@ def test_stderr_checker_catches_library_tracebacks():
     ours = lib.replace("pyarrow.lib.ArrowInvalid", "tasks.kb.KbFormatError")
     with pytest.raises(AssertionError, match="outside our exception classes"):
         check_stderr(lib, "data-prep", failed=False)
-    check_stderr(ours + "data-prep: error: x.txt: bad; fix: y\nmore of it\n", "data-prep", failed=True)
+    check_stderr(ours, "data-prep", failed=False)
+    check_stderr("data-prep: error: x.txt: bad; fix: y\nmore of it\n", "data-prep", failed=True)
+    with pytest.raises(AssertionError, match="printed a traceback"):  # a refusal: one clear error, no traceback
+        check_stderr(ours + "data-prep: error: x.txt: bad; fix: y\n", "data-prep", failed=True)
     with pytest.raises(AssertionError, match="after our message"):
-        check_stderr(ours + "data-prep: error: bad\n09:00:00.123 | INFO    | prefect - Stopping\n",
+        check_stderr("data-prep: error: bad\n09:00:00.123 | INFO    | prefect - Stopping\n",
                      "data-prep", failed=True)
     with pytest.raises(AssertionError, match="one paragraph"):
         check_stderr("data-prep: error: bad\n\nother\n", "data-prep", failed=True)
     with pytest.raises(AssertionError, match="no 'data-prep: error:'"):
-        check_stderr(ours, "data-prep", failed=True)
+        check_stderr("09:00:00.123 | INFO    | prefect - x\n", "data-prep", failed=True)
 
 
 def test_missing_inputs_are_clean_errors(tmp_path, capsys):

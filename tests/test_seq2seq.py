@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models.attention import KVCache, Rotary, make_attention
-from models.seq2seq import PRESETS, DecoderCache, Seq2Seq, Seq2SeqConfig, make_batch
+from models.seq2seq import PRESETS, Seq2Seq, Seq2SeqConfig, make_batch
 from models.vocab import BOS, EOS, PAD
 
 V = 40
@@ -160,4 +160,18 @@ def test_tied_embeddings_stay_tied() -> None:
     model.loss(random_batch()).backward()
     opt.step()
     assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
-    assert isinstance(DecoderCache(2).self_kv[0], KVCache)
+
+
+def test_decoder_cache_grows_one_token_per_step_and_matches_the_full_pass() -> None:
+    """decode_step's per-layer caches hold exactly the tokens fed so far, and the incremental
+    log-probs equal the teacher-forced ones at every position."""
+    model = small_model()
+    batch = random_batch()
+    tgt = batch["tgt_ids"]
+    memory = model.encode(batch["src_ids"], batch["src_mask"])
+    full = torch.log_softmax(model.decode(memory, batch["src_mask"], tgt[:, :-1], batch["src_ids"]).float(), -1)
+    cache = None
+    for t in range(tgt.size(1) - 1):
+        step, cache = model.decode_step(memory, batch["src_mask"], tgt[:, t], cache, src_ids=batch["src_ids"])
+        assert cache.length == t + 1 and all(c.length == t + 1 for c in cache.self_kv)
+        torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=0)
