@@ -16,7 +16,6 @@ of (seed, step, rank) like the generator's batches, so a resumed run sees the sa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 

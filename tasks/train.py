@@ -27,7 +27,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,17 +84,26 @@ class TrainSpec:
         if self.patience and not self.val_every:
             raise ValueError(f"patience={self.patience} needs val_every > 0 (a validation pass to stop on)")
 
+    def _data_dirs(self) -> dict[str, str]:
+        """Options in ``data`` that name a finished directory (a manifest): inputs, by content."""
+        return {k: v for k, v in self.data.items()
+                if isinstance(v, str) and v and (Path(v) / "manifest.json").is_file()}
+
     def content(self) -> dict:
-        """The inputs' content: each manifest directory's file hashes, plus ``inputs_sha256``."""
+        """The inputs' content: each manifest directory's file hashes (data_dir, vocab_dir,
+        warm_start, and any ``data`` option naming one, e.g. a corpus), plus ``inputs_sha256``."""
         out = dict(self.inputs_sha256)
         for name in ("data_dir", "vocab_dir", "warm_start"):
             d = getattr(self, name)
             if d:
                 out[name] = manifest_content_sha256(d)
+        for k, d in self._data_dirs().items():
+            out[f"data.{k}"] = manifest_content_sha256(d)
         return out
 
     def run_name(self) -> str:
         body = {k: v for k, v in asdict(self).items() if k not in _NOT_IDENTITY}
+        body["data"] = {k: v for k, v in self.data.items() if k not in self._data_dirs()}  # paths: by content
         body["content"] = self.content()
         return f"{self.task}-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -338,3 +338,10 @@ def test_max_len_and_greedy_unconstrained() -> None:
     model, batch = tiny_model(len(vocab)), random_questions(vocab, 5, seed=3)
     out = greedy_unconstrained(model, batch["src_ids"], batch["src_mask"], max_len=6)
     assert len(out) == 5 and all(len(o) <= 6 for o in out)
+    # every token is the argmax of the teacher-forced decoder given the tokens before it
+    from models.vocab import BOS
+    with torch.no_grad():
+        for i, toks in enumerate(out):
+            prefix = torch.tensor([[BOS, *[int(t) for t in toks[:-1]]]])
+            logits = model(batch["src_ids"][i:i + 1], batch["src_mask"][i:i + 1], prefix)  # (1, T, V)
+            assert logits[0].argmax(-1).tolist() == [int(t) for t in toks], (i, toks)

@@ -150,3 +150,22 @@ def test_ranker_trains_under_ray_deepspeed_with_bf16_autocast(ray_local, prepare
     assert losses[-1] < losses[0] - 0.3 and losses[0] > 1.2, losses  # from ~ln 4 (chance) down
     ranker = load_trained_model(res.checkpoint_dir)
     assert isinstance(ranker, Ranker) and not ranker.training
+
+
+def test_a_data_option_naming_a_directory_enters_the_run_name_by_content(tmp_path):
+    """A corpus (or any input directory with a manifest) named in ``data`` is identity by its
+    content: moved, the same run; rewritten, another run."""
+    import shutil
+    from tasks.lm_corpus import prepare_corpus
+    src = tmp_path / "text.txt"
+    src.write_text("".join(f"line {i} of some text\n" for i in range(2000)), "utf-8")
+    a = tmp_path / "a"
+    prepare_corpus(a, str(src), val_fraction=0.3, lines_per_doc=50)
+    spec = TrainSpec(task="lm", model={"d_model": 32, "n_head": 2, "n_layer": 1, "d_ff": 64},
+                     data={"corpus": str(a), "seq_len": 16})
+    shutil.copytree(a, tmp_path / "b")
+    assert replace(spec, data={"corpus": str(tmp_path / "b"), "seq_len": 16}).run_name() == spec.run_name()
+    src.write_text("".join(f"other {i} words here\n" for i in range(2000)), "utf-8")
+    c = tmp_path / "c"
+    prepare_corpus(c, str(src), val_fraction=0.3, lines_per_doc=50)
+    assert replace(spec, data={"corpus": str(c), "seq_len": 16}).run_name() != spec.run_name()

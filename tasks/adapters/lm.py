@@ -5,8 +5,8 @@
 optionally ``val_rows`` (validation windows, default 64). A row is a window of N+1 tokens at
 offset row·N of the train split; ``validate`` reports the validation cross-entropy
 (``val_loss``, nats per byte) and bits per byte (``val_bpc``).
-The corpus directory is not hashed into the run name by the trainer: put its manifest's
-hashes in ``spec.inputs_sha256`` (the flow's job).
+The corpus directory enters the run name by its content (TrainSpec.content hashes every
+``data`` option that names a directory with a manifest), not by its path.
 """
 from __future__ import annotations
 
