@@ -32,6 +32,7 @@ def plain_torch(spec, warmup: int, threads: int) -> dict:
     import torch
 
     from models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch
+    from tasks.adapters import split_loss
     from tasks.adapters.seq2seq import load_pairs
     from tasks.train import batch_indices
     torch.set_num_threads(threads)
@@ -44,7 +45,7 @@ def plain_torch(spec, warmup: int, threads: int) -> dict:
     for step in range(spec.steps):
         rows = batch_indices(len(src), step, gb, spec.seed, 0, 1)
         batch = make_batch([src[i] for i in rows], [tgt[i] for i in rows])
-        loss = model.loss(batch)
+        loss, _ = split_loss(model.loss(batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

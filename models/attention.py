@@ -5,6 +5,21 @@ with ``x`` (B, T, C) the queries' input and ``context`` (B', S, C) the keys'/val
 cross-attention (``None`` for self-attention). It owns its q/k/v/output projections, so a
 linear-time variant (Transformer-VQ, Performer, HWFA) registers under a name and is picked by
 ``make_attention(kind, ...)`` without touching the model code. ``softmax`` is the reference.
+
+The interface a kind joins:
+
+* construction: ``cls(d_model=, n_head=, dropout=, rope=, cross=, layer=, n_layer=, **options)``;
+  ``options`` are the kind's own (codebook size, block length, feature count, window, ...),
+  passed through from the model config; a kind refuses options it does not know;
+* ``new_cache()``: the kind's incremental-decoding state (``KVCache`` for softmax); a cache
+  has ``length`` and ``index_select(idx)`` (beam reordering);
+* extra losses: after a training forward a module may hold ``self.aux_loss`` (a scalar
+  tensor, e.g. the VQ commitment loss); :func:`aux_losses` sums them over a model, and the
+  model adds the sum to its loss;
+* model-owned randomness and state: a module may define ``train_step_begin(step, generator)``
+  (a feature redraw; ``generator`` is seeded identically on every data-parallel rank) and
+  ``train_step_end(step, generator, all_reduce)`` (an EMA codebook update whose statistics
+  are summed over ranks with ``all_reduce``); the trainer calls them on every submodule.
 """
 from __future__ import annotations
 
@@ -28,12 +43,40 @@ def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]
 
 
 def make_attention(kind: str, *, d_model: int, n_head: int, dropout: float = 0.0,
-                   rope: "Rotary | None" = None, cross: bool = False) -> nn.Module:
-    """Build the attention module registered as ``kind``."""
+                   rope: "Rotary | None" = None, cross: bool = False, layer: int = 0, n_layer: int = 1,
+                   **options) -> nn.Module:
+    """Build the attention module registered as ``kind`` (``layer`` of ``n_layer`` in its stack;
+    ``options`` are the kind's own settings)."""
+    _load_builtin_kinds()
     if kind not in ATTENTION_REGISTRY:
         raise ValueError(f"unknown attention kind {kind!r}; registered: {sorted(ATTENTION_REGISTRY)}")
-    return ATTENTION_REGISTRY[kind](d_model=d_model, n_head=n_head, dropout=dropout,
-                                    rope=rope, cross=cross)
+    return ATTENTION_REGISTRY[kind](d_model=d_model, n_head=n_head, dropout=dropout, rope=rope,
+                                    cross=cross, layer=layer, n_layer=n_layer, **options)
+
+
+# Modules that register further kinds when imported (one concept per file).
+BUILTIN_KIND_MODULES = ("models.attention_vq", "models.attention_performer", "models.attention_window")
+
+
+def _load_builtin_kinds() -> None:
+    import importlib
+    import importlib.util
+    for name in BUILTIN_KIND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+
+
+def aux_losses(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the extra losses (``aux_loss``) the model's attention modules hold after a
+    training forward, or None when there are none."""
+    parts = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
+    return torch.stack([p.float() for p in parts]).sum() if parts else None
+
+
+def refuse_options(kind: str, options: dict) -> None:
+    """A kind that takes no options of its own refuses any it is given, by name."""
+    if options:
+        raise ValueError(f"attention kind {kind!r} takes no options {sorted(options)}")
 
 
 # --------------------------------------------------------------------------- positions
@@ -105,8 +148,10 @@ class SoftmaxAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_head: int, dropout: float = 0.0,
-                 rope: Rotary | None = None, cross: bool = False):
+                 rope: Rotary | None = None, cross: bool = False, layer: int = 0, n_layer: int = 1,
+                 **options):
         super().__init__()
+        refuse_options("softmax", options)
         if d_model % n_head:
             raise ValueError(f"d_model {d_model} is not a multiple of n_head {n_head}")
         self.n_head, self.head_dim, self.dropout = n_head, d_model // n_head, dropout
@@ -114,6 +159,9 @@ class SoftmaxAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape

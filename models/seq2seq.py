@@ -3,17 +3,22 @@
 Targets are trie keys ``BOS S… SEP P… SEP M… EOS``; the decoder input is the key without its
 last token, the label the key without BOS. ``decode_step`` runs one token for N beam rows with
 a :class:`DecoderCache`; memory may hold one row per question (G rows, N = G*K beams).
+
+Attention kinds per role (models/attention.py's registry): ``attention_enc`` (encoder
+self-attention), ``attention_dec`` (decoder self-attention), both defaulting to ``attention``,
+and ``attention_cross``; ``attention_options`` maps a kind to its own options. A kind declares
+the roles it takes in ``roles`` (all three when it does not say).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import KVCache, Rotary, make_attention
+from models.attention import ATTENTION_REGISTRY, KVCache, Rotary, _load_builtin_kinds, aux_losses, make_attention
 from models.vocab import PAD
 
 PRESETS: dict[str, dict[str, int | bool]] = {
@@ -23,9 +28,13 @@ PRESETS: dict[str, dict[str, int | bool]] = {
 }
 
 
+ROLE_FIELDS = {"encoder": "attention_enc", "decoder": "attention_dec", "cross": "attention_cross"}
+
+
 @dataclass(frozen=True)
 class Seq2SeqConfig:
-    """Model hyperparameters; ``attention`` names the self-attention kind (cross is softmax)."""
+    """Model hyperparameters; ``attention`` names the self-attention kind, ``attention_enc`` /
+    ``attention_dec`` override it per stack, ``attention_options`` holds each kind's options."""
 
     vocab_size: int
     d_model: int = 128
@@ -38,12 +47,40 @@ class Seq2SeqConfig:
     attention: str = "softmax"
     tie_embeddings: bool = True
     copy_head: bool = False  # pointer-generator: mix the vocabulary softmax with copying source tokens
+    attention_enc: str | None = None  # encoder self-attention kind; None -> attention
+    attention_dec: str | None = None  # decoder self-attention kind; None -> attention
+    attention_cross: str = "softmax"  # decoder cross-attention kind
+    attention_options: dict = field(default_factory=dict)  # kind -> its options, e.g. {"vq": {"block_len": 32}}
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ValueError(f"d_model {self.d_model} / n_head {self.n_head} must be an even integer")
         if self.vocab_size < 5:
             raise ValueError(f"vocab_size {self.vocab_size} < 5 (the special tokens)")
+        _load_builtin_kinds()
+        for role, kind in self.roles().items():
+            if kind not in ATTENTION_REGISTRY:
+                raise ValueError(f"unknown attention kind {kind!r} for the {role} role; "
+                                 f"registered: {sorted(ATTENTION_REGISTRY)}")
+            takes = getattr(ATTENTION_REGISTRY[kind], "roles", ("encoder", "decoder", "cross"))
+            if role not in takes:
+                raise ValueError(f"attention kind {kind!r} cannot take the {role} role (it takes "
+                                 f"{', '.join(takes)}); set {ROLE_FIELDS[role]} to another kind")
+        unknown = sorted(set(self.attention_options) - set(ATTENTION_REGISTRY))
+        if unknown:
+            raise ValueError(f"attention_options names unknown kinds {unknown}; registered: {sorted(ATTENTION_REGISTRY)}")
+
+    def roles(self) -> dict[str, str]:
+        """The attention kind of each role: encoder, decoder (self-attention) and cross."""
+        return {"encoder": self.attention_enc or self.attention, "decoder": self.attention_dec or self.attention,
+                "cross": self.attention_cross}
+
+    def make_attention(self, role: str, layer: int, n_layer: int, rope: Rotary | None) -> nn.Module:
+        """The attention module of ``role`` for layer ``layer`` of ``n_layer``, with its kind's options."""
+        kind = self.roles()[role]
+        return make_attention(kind, d_model=self.d_model, n_head=self.n_head, dropout=self.dropout,
+                              rope=rope, cross=role == "cross", layer=layer, n_layer=n_layer,
+                              **dict(self.attention_options.get(kind, {})))
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, **overrides) -> "Seq2SeqConfig":
@@ -72,11 +109,10 @@ class MLP(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-norm bidirectional self-attention + MLP."""
 
-    def __init__(self, cfg: Seq2SeqConfig, rope: Rotary):
+    def __init__(self, cfg: Seq2SeqConfig, rope: Rotary, layer: int = 0):
         super().__init__()
         self.ln1, self.ln2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
-        self.attn = make_attention(cfg.attention, d_model=cfg.d_model, n_head=cfg.n_head,
-                                   dropout=cfg.dropout, rope=rope)
+        self.attn = cfg.make_attention("encoder", layer, cfg.n_layer_enc, rope)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -88,29 +124,35 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm causal self-attention, cross-attention to the memory, MLP."""
 
-    def __init__(self, cfg: Seq2SeqConfig, rope: Rotary):
+    def __init__(self, cfg: Seq2SeqConfig, rope: Rotary, layer: int = 0):
         super().__init__()
         self.ln1, self.ln2, self.ln3 = (nn.RMSNorm(cfg.d_model) for _ in range(3))
-        self.self_attn = make_attention(cfg.attention, d_model=cfg.d_model, n_head=cfg.n_head,
-                                        dropout=cfg.dropout, rope=rope)
-        self.cross_attn = make_attention("softmax", d_model=cfg.d_model, n_head=cfg.n_head,
-                                         dropout=cfg.dropout, cross=True)
+        self.self_attn = cfg.make_attention("decoder", layer, cfg.n_layer_dec, rope)
+        self.cross_attn = cfg.make_attention("cross", layer, cfg.n_layer_dec, None)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, mem_mask: torch.Tensor,
-                self_cache: KVCache | None = None, cross_cache: KVCache | None = None) -> torch.Tensor:
+                self_cache=None, cross_cache=None) -> torch.Tensor:
         x = x + self.drop(self.self_attn(self.ln1(x), causal=True, cache=self_cache))
         x = x + self.drop(self.cross_attn(self.ln2(x), memory, key_mask=mem_mask, cache=cross_cache))
         return x + self.mlp(self.ln3(x))
 
 
 class DecoderCache:
-    """Per-layer self-attention K/V (N beam rows) and cross-attention K/V (G question rows)."""
+    """Per-layer self-attention state (N beam rows) and cross-attention K/V (G question rows).
 
-    def __init__(self, n_layer: int):
-        self.self_kv = [KVCache() for _ in range(n_layer)]
-        self.cross_kv = [KVCache() for _ in range(n_layer)]
+    With ``blocks`` (the decoder's layers) each cache is that layer's ``attn.new_cache()``
+    (softmax: KVCache; vq, performer: their fixed-size states); without, KVCaches.
+    """
+
+    def __init__(self, n_layer: int, blocks: Sequence[nn.Module] | None = None):
+        if blocks is not None:
+            self.self_kv = [b.self_attn.new_cache() for b in blocks]
+            self.cross_kv = [b.cross_attn.new_cache() for b in blocks]
+        else:
+            self.self_kv = [KVCache() for _ in range(n_layer)]
+            self.cross_kv = [KVCache() for _ in range(n_layer)]
         self.mem_mask: torch.Tensor | None = None  # (G, S)
         self.group = 1  # K: beam rows per memory row
         self.copy_keys: torch.Tensor | None = None  # (G, S, C) copy-head keys of the memory
@@ -155,8 +197,8 @@ class Seq2Seq(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         rope = Rotary(cfg.d_model // cfg.n_head, cfg.max_len)
         self.rope = rope  # shared by every self-attention layer (buffers only)
-        self.encoder = nn.ModuleList(EncoderBlock(cfg, rope) for _ in range(cfg.n_layer_enc))
-        self.decoder = nn.ModuleList(DecoderBlock(cfg, rope) for _ in range(cfg.n_layer_dec))
+        self.encoder = nn.ModuleList(EncoderBlock(cfg, rope, i) for i in range(cfg.n_layer_enc))
+        self.decoder = nn.ModuleList(DecoderBlock(cfg, rope, i) for i in range(cfg.n_layer_dec))
         self.ln_enc, self.ln_dec = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.copy_head:
@@ -211,12 +253,20 @@ class Seq2Seq(nn.Module):
     def forward(self, src_ids: torch.Tensor, src_mask: torch.Tensor, tgt_in_ids: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(src_ids, src_mask), src_mask, tgt_in_ids, src_ids)
 
-    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over target tokens (PAD ignored); batch from :func:`make_batch`."""
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+        """Mean cross-entropy over target tokens (PAD ignored); batch from :func:`make_batch`.
+
+        When attention modules hold extra losses after this forward (the VQ commitment loss,
+        training only), returns (ce + aux, {"ce": ..., "aux": ...}); otherwise the tensor.
+        """
         tgt = batch["tgt_ids"]
         logits = self(batch["src_ids"], batch["src_mask"], tgt[:, :-1])  # (B, T-1, V)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt[:, 1:].reshape(-1),
-                               ignore_index=PAD)
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt[:, 1:].reshape(-1),
+                             ignore_index=PAD)
+        aux = aux_losses(self)
+        if aux is None:
+            return ce
+        return ce + aux, {"ce": float(ce.detach()), "aux": float(aux.detach())}
 
     @torch.no_grad()
     def decode_step(self, memory: torch.Tensor, src_mask: torch.Tensor, last_tokens: torch.Tensor,
@@ -232,7 +282,7 @@ class Seq2Seq(nn.Module):
             G = memory.size(0)
             if N % G:
                 raise ValueError(f"{N} decoder rows are not a multiple of {G} memory rows")
-            cache = DecoderCache(len(self.decoder))
+            cache = DecoderCache(len(self.decoder), self.decoder)
             cache.mem_mask, cache.group = src_mask, N // G
             if self.cfg.copy_head:
                 if src_ids is None:

@@ -1,0 +1,439 @@
+"""Transformer-VQ attention (Lingle 2023; ALGORITHMS.md §8): quantised keys make softmax linear.
+
+Keys are replaced by their nearest code of a per-head codebook C (H, S, D), K̂ = ΔC, so
+``exp(QK̂ᵀ)V = exp(QCᵀ)(ΔᵀV)``: the keys of earlier blocks enter only through per-code sums of
+their values (and counts, for the denominator). :func:`vq_attention` computes softmax attention
+of q against the quantised keys, block by block, exactly, in time O(T·(S + L)·D):
+
+* within a block of ``block_len`` L keys: explicit scores (causal mask, optional bias);
+* earlier blocks (causal) or all other blocks (non-causal): the code cache, its scores
+  q·c_s masked to −inf for codes no earlier key used;
+* one max per query over exactly those scores (all of them past keys), subtracted before exp.
+
+All blocks are computed at once: per-block code sums by one ``index_add`` over (block, code)
+cells and an exclusive cumulative sum over blocks (sums of values, never of exponentials).
+
+Gradients are autograd over this linear-time form: exact for q and v (v reaches later blocks
+through the code sums; ``grad_thru_cache=False`` is the paper's truncated variant). Keys get the
+straight-through gradient where they are scored explicitly, i.e. from the queries of their own
+block; through the cache a key is only an index (Δ), so queries of later blocks send it none.
+(The full straight-through gradient from every later query needs a D×D matrix per code and
+block, O(T·S·D²) -- D times the forward -- and is not offered.)
+
+Position: rotated keys could not share codes, so RoPE is not used here. Position enters as a
+learned relative bias b_h(i - j) on the explicit within-block scores (|i - j| < L), initialised
+as ALiBi slopes, so even an untrained vq encoder is not a bag of characters. Keys of other
+blocks carry no position (as in the paper's cache term).
+
+Roles: encoder and decoder self-attention. Cross-attention stays softmax: the memory is short
+and projected once per question, where exact softmax is cheap and quantising its keys would
+only lose accuracy. Padding: ``key_mask`` (B, T) True = real token; masked keys are dropped from
+the block scores, the code sums and the codebook statistics.
+
+Codebook: EMA k-means (decay γ, ``train_step_end``): per-code counts, key sums and squared-norm
+sums of the step, all-reduced over data-parallel ranks, then C = sum / count. Dead codes (EMA
+count below ``dead_threshold``) restart next to a live code drawn by count, with noise of that
+code's spread, both from the rank-shared generator, so every rank keeps the same codebook.
+Commitment loss β‖k − sg(k̂)‖² (mean over real tokens, summed over heads) is ``self.aux_loss``.
+
+Speed limits (CPU): the two score tensors (L×S and L×L per block) and their exponentials are
+materialised and kept for backward (~4·T·(S+L)·H floats); exp and the masked fills are
+memory-bound and single-pass, so at 8k the margin over fused SDPA is the FLOP ratio
+T/(2(S+L)) ≈ 4 minus that overhead.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from models.attention import Rotary, register_attention
+
+
+# --------------------------------------------------------------------------- quantisation
+@torch.no_grad()
+def quantise(k: torch.Tensor, codebook: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Nearest code per key: k (B, H, T, D), codebook (H, S, D) -> codes (B, H, T) long."""
+    c = codebook.to(k.dtype)
+    c_sq = (c * c).sum(-1)[:, None, :]  # (H, 1, S)
+    out = []
+    for lo in range(0, k.size(2), chunk):  # bounded (B, H, chunk, S) distance tensor
+        d = c_sq - 2.0 * (k[:, :, lo:lo + chunk] @ c.transpose(-1, -2))  # ‖k‖² dropped
+        out.append(d.argmin(-1))
+    return torch.cat(out, dim=2) if out else torch.zeros(k.shape[:3], dtype=torch.long, device=k.device)
+
+
+def gather_codes(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """codebook (H, S, D), codes (B, H, T) -> code vectors (B, H, T, D)."""
+    heads = torch.arange(codebook.size(0), device=codes.device)[None, :, None]  # (1, H, 1)
+    return codebook[heads, codes]
+
+
+def straight_through(k: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """k̂ = C[z] in value, identity gradient to k."""
+    return k + (gather_codes(codebook.to(k.dtype), codes) - k).detach()
+
+
+# --------------------------------------------------------------------------- the block form
+def code_sums(v: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, n_block: int, n_code: int,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block, per-code sums of w·v and of w: v (B, H, T, D), w (B, 1|H, T), codes (B, H, T),
+    T = n_block·L -> (B, H, n_block, S, D), (B, H, n_block, S), in float32 at least."""
+    B, H, T, D = v.shape
+    L = T // n_block
+    blk = torch.arange(T, device=v.device) // L  # (T,)
+    rows = torch.arange(B * H, device=v.device)[:, None] * n_block + blk[None, :]  # (B·H, T)
+    idx = (rows * n_code + codes.reshape(B * H, T)).reshape(-1)  # one cell per (b, h, block, code)
+    acc = torch.promote_types(v.dtype, torch.float32)  # half-precision sums lose counts past 256
+    w = w.expand(B, H, T).to(acc)
+    vw = (v.to(acc) * w[..., None]).reshape(-1, D)
+    sums = vw.new_zeros(B * H * n_block * n_code, D).index_add(0, idx, vw)
+    counts = vw.new_zeros(B * H * n_block * n_code).index_add(0, idx, w.reshape(-1))
+    return sums.view(B, H, n_block, n_code, D), counts.view(B, H, n_block, n_code)
+
+
+def _pad_time(x: torch.Tensor, T_pad: int, dim: int = 2) -> torch.Tensor:
+    extra = T_pad - x.size(dim)
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat((x, x.new_zeros(shape)), dim=dim)
+
+
+def _combine(a: torch.Tensor, vsum: torch.Tensor, count: torch.Tensor,
+             e: torch.Tensor | None, v_blk: torch.Tensor | None) -> torch.Tensor:
+    """Jointly normalised code part (a: scores (..., L, S), masked) and block part (e (..., L, L))."""
+    m = a.amax(-1) if e is None else torch.maximum(a.amax(-1), e.amax(-1))  # (..., L): past keys only
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()[..., None]
+    pa = torch.exp(a - m)  # (..., L, S)
+    num = pa @ vsum  # (..., L, D)
+    den = pa @ count[..., None]  # (..., L, 1)
+    if e is not None:
+        pe = torch.exp(e - m)  # (..., L, L)
+        num = num + pe @ v_blk
+        den = den + pe.sum(-1, keepdim=True)
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)  # a row with no keys gives 0
+
+
+class _BlockAttention(torch.autograd.Function):
+    """Per block: softmax over [codes of earlier blocks | keys of this block], jointly normalised.
+
+    qs (B, H, n, L, D) scaled queries; cb (H, S, D) codebook; logc (B, H, n, S) log counts
+    (−inf: empty); mean_v (B, H, n, S, D) per-code mean values; kb, vb (B, H, n, L, D);
+    ebias broadcastable to (B, H, n, L, L), additive (bias, −inf masks). A hand-written backward
+    (softmax's: dlogit = p ∘ (dO·value − δ)) keeps the elementwise passes over the two
+    (L, S) and (L, L) score tensors to a few in-place ones; autograd's would be ~3× as many.
+    """
+
+    @staticmethod
+    def forward(ctx, qs, cb, logc, mean_v, kb, vb, ebias):
+        a = qs @ cb.transpose(-1, -2)[None, :, None]  # (B, H, n, L, S); per-block GEMMs run faster
+        a += logc[:, :, :, None, :]  # count_s · exp(q·c_s): the log-count form
+        e = qs @ kb.transpose(-1, -2)  # (B, H, n, L, L)
+        e += ebias
+        m = torch.maximum(a.amax(-1), e.amax(-1))  # (B, H, n, L): scores of past keys only
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))[..., None]
+        a.sub_(m).exp_()
+        e.sub_(m).exp_()
+        den = (a.sum(-1, keepdim=True) + e.sum(-1, keepdim=True)).clamp_min(torch.finfo(qs.dtype).tiny)
+        out = (a @ mean_v + e @ vb) / den  # (B, H, n, L, D); a row with no keys gives 0
+        ctx.save_for_backward(qs, cb, mean_v, kb, vb, a, e, den, out)
+        ctx.bias_shape = ebias.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        qs, cb, mean_v, kb, vb, a, e, den, out = ctx.saved_tensors
+        B, H, n, L, D = qs.shape
+        g = d_out / den  # (B, H, n, L, D)
+        delta = (d_out * out).sum(-1, keepdim=True) / den  # (B, H, n, L, 1)
+        d_a = (g @ mean_v.transpose(-1, -2)).sub_(delta).mul_(a)  # (B, H, n, L, S): d logits
+        d_e = (g @ vb.transpose(-1, -2)).sub_(delta).mul_(e)  # (B, H, n, L, L)
+        d_qs = d_a @ cb[None, :, None] + d_e @ kb
+        d_kb = d_e.transpose(-1, -2) @ qs
+        d_vb = e.transpose(-1, -2) @ g
+        d_mean = a.transpose(-1, -2) @ g if ctx.needs_input_grad[3] else None  # (B, H, n, S, D)
+        d_bias = None
+        if ctx.needs_input_grad[6]:
+            dims = [i for i, size in enumerate(ctx.bias_shape) if size == 1 and d_e.size(i) != 1]
+            d_bias = d_e.sum(dims, keepdim=True) if dims else d_e
+        return d_qs, None, None, d_mean, d_kb, d_vb, d_bias
+
+
+def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: torch.Tensor, *,
+                 block_len: int, causal: bool = True, key_mask: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, codes: torch.Tensor | None = None,
+                 grad_thru_cache: bool = True) -> torch.Tensor:
+    """Softmax attention of q against the quantised keys, scale 1/√D, in time linear in T.
+
+    q, k, v (B, H, T, D), any T; codebook (H, S, D). Optional: key_mask (B, T) True = real key;
+    bias (H, L, L) added to the within-block scores (query i, key j of one block); codes
+    (B, H, T) precomputed nearest codes. Returns (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    S, L = codebook.size(1), block_len
+    scale = D ** -0.5
+    cb = codebook.to(q.dtype).detach()
+    codes = quantise(k, cb) if codes is None else codes
+    w = (torch.ones(B, 1, T, dtype=q.dtype, device=q.device) if key_mask is None
+         else key_mask[:, None, :].to(q.dtype))  # (B, 1, T) key weights
+    if not causal and bias is None:  # exp(QCᵀ)(ΔᵀV), normalised: no blocks needed
+        vsum, count = code_sums(v, w, codes, 1, S)  # (B, H, 1, S, D), (B, H, 1, S)
+        if not grad_thru_cache:
+            vsum = vsum.detach()
+        a = (q @ cb.transpose(-1, -2)) * scale  # (B, H, T, S)
+        a = a.masked_fill(count[:, :, 0, None, :] <= 0, float("-inf"))
+        return _combine(a, vsum[:, :, 0].to(q.dtype), count[:, :, 0].to(q.dtype), None, None)
+    n = max(1, math.ceil(T / L))
+    T_pad = n * L
+    k_hat = straight_through(k, cb, codes)
+    qp, kp, vp = (_pad_time(x, T_pad) for x in (q * scale, k_hat, v))  # (B, H, T_pad, D)
+    wp, zp = _pad_time(w, T_pad), _pad_time(codes, T_pad)  # padded keys have weight 0
+    vsum, count = code_sums(vp, wp, zp, n, S)  # (B, H, n, S, D), (B, H, n, S)
+    if causal:  # blocks strictly before each block
+        vsum = torch.cat((torch.zeros_like(vsum[:, :, :1]), vsum.cumsum(2)[:, :, :-1]), dim=2)
+        count = torch.cat((torch.zeros_like(count[:, :, :1]), count.cumsum(2)[:, :, :-1]), dim=2)
+    else:  # every other block
+        vsum, count = vsum.sum(2, keepdim=True) - vsum, count.sum(2, keepdim=True) - count
+    count = count.detach().round()  # integer counts (0/1 key weights); cancels sum-minus-own noise
+    if not grad_thru_cache:
+        vsum = vsum.detach()
+    mean_v = (vsum / count.clamp_min(1.0)[..., None]).to(q.dtype)  # (B, H, n, S, D)
+    logc = torch.where(count > 0, count.log(), torch.full_like(count, float("-inf"))).to(q.dtype)  # (B, H, n, S)
+    ebias = torch.zeros(1, 1, 1, L, L, dtype=q.dtype, device=q.device)
+    if causal:
+        ebias = ebias.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if bias is not None:
+        ebias = ebias + bias.to(q.dtype)[None, :, None]  # (1, H, 1, L, L)
+    if key_mask is not None or (not causal and T_pad > T):  # padded keys precede no real query when causal
+        ebias = ebias + torch.zeros_like(wp).masked_fill(wp <= 0, float("-inf")).view(B, 1, n, 1, L)
+    qb, kb, vb = (x.view(B, H, n, L, D) for x in (qp, kp, vp))  # (B, H, n, L, D)
+    out = _BlockAttention.apply(qb, cb, logc, mean_v, kb, vb, ebias)  # (B, H, n, L, D)
+    return out.reshape(B, H, T_pad, D)[:, :, :T]
+
+
+# --------------------------------------------------------------------------- decoding cache
+class VQCache:
+    """Incremental state of one vq layer, one row per beam: per-code value sums and counts of
+    the completed blocks (N, H, S, D) + (N, H, S), and the current block's keys/values."""
+
+    def __init__(self) -> None:
+        self.vsum: torch.Tensor | None = None  # (N, H, S, D)
+        self.count: torch.Tensor | None = None  # (N, H, S)
+        self.k: torch.Tensor | None = None  # (N, H, l, D) quantised keys of the current block
+        self.v: torch.Tensor | None = None  # (N, H, l, D)
+        self.codes: torch.Tensor | None = None  # (N, H, l)
+        self.length = 0
+
+    def index_select(self, idx: torch.Tensor) -> "VQCache":
+        """A cache whose row i is this cache's row idx[i]."""
+        out = VQCache()
+        out.length = self.length
+        for name in ("vsum", "count", "k", "v", "codes"):
+            t = getattr(self, name)
+            setattr(out, name, None if t is None else t.index_select(0, idx))
+        return out
+
+    def fold(self, n_code: int) -> None:
+        """Move the (full) current block into the per-code sums."""
+        N, H, l, D = self.v.shape
+        vsum, count = code_sums(self.v, torch.ones(N, 1, l, dtype=self.v.dtype, device=self.v.device),
+                                self.codes, 1, n_code)
+        vsum, count = vsum[:, :, 0], count[:, :, 0]
+        self.vsum = vsum if self.vsum is None else self.vsum + vsum
+        self.count = count if self.count is None else self.count + count
+        self.k = self.v = self.codes = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, codes: torch.Tensor) -> None:
+        """Add one step's (N, H, 1, D) key/value and (N, H, 1) code to the current block."""
+        if self.k is None:
+            self.k, self.v, self.codes = k, v, codes
+        else:
+            self.k, self.v = torch.cat((self.k, k), 2), torch.cat((self.v, v), 2)
+            self.codes = torch.cat((self.codes, codes), 2)
+        self.length += 1
+
+
+# --------------------------------------------------------------------------- codebook
+def ema_codebook_update(module: "VQAttention", count: torch.Tensor, ksum: torch.Tensor,
+                        ksq: torch.Tensor, generator: torch.Generator) -> None:
+    """EMA k-means step from one step's all-reduced stats, then dead-code restarts."""
+    g = module.ema_decay
+    module.ema_count.mul_(g).add_(count.to(module.ema_count), alpha=1 - g)
+    module.ema_sum.mul_(g).add_(ksum.to(module.ema_sum), alpha=1 - g)
+    module.ema_sq.mul_(g).add_(ksq.to(module.ema_sq), alpha=1 - g)
+    restart_dead_codes(module, generator)
+    module.codebook.copy_(module.ema_sum / module.ema_count.clamp_min(1e-2)[..., None])
+
+
+def restart_dead_codes(module: "VQAttention", generator: torch.Generator) -> None:
+    """Codes with EMA count < dead_threshold restart near a live code (drawn by count) with that
+    code's spread as noise; every draw comes from ``generator`` (CPU), so ranks agree."""
+    cnt = module.ema_count.float().cpu()  # (H, S)
+    mean = module.ema_sum.float().cpu() / cnt.clamp_min(1e-2)[..., None]  # (H, S, D)
+    var = (module.ema_sq.float().cpu() / cnt.clamp_min(1e-2) - (mean * mean).sum(-1)).clamp_min(0)
+    H, S, D = mean.shape
+    for h in range(H):
+        dead = (cnt[h] < module.dead_threshold).nonzero().flatten()
+        if dead.numel() == 0:
+            continue
+        live = cnt[h].masked_fill(cnt[h] < module.dead_threshold, 0.0)
+        probs = live if live.sum() > 0 else torch.ones(S)
+        parent = torch.multinomial(probs, dead.numel(), replacement=True, generator=generator)
+        noise = torch.randn(dead.numel(), D, generator=generator)
+        spread = (var[h, parent] / D).sqrt() + 1e-2 * mean[h, parent].norm(dim=-1) / D ** 0.5 + 1e-6
+        new = mean[h, parent] + spread[:, None] * noise  # (n_dead, D)
+        dev = module.ema_sum.device
+        module.ema_count[h, dead.to(dev)] = 1.0
+        module.ema_sum[h, dead.to(dev)] = new.to(module.ema_sum)
+        module.ema_sq[h, dead.to(dev)] = ((new * new).sum(-1) + var[h, parent]).to(module.ema_sq)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's geometric head slopes 2^(-8h/H), h = 1..H."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
+
+
+# --------------------------------------------------------------------------- the module
+@register_attention("vq")
+class VQAttention(nn.Module):
+    """Multi-head Transformer-VQ self-attention (encoder: bidirectional, decoder: causal)."""
+
+    roles = ("encoder", "decoder")
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, rope: Rotary | None = None,
+                 cross: bool = False, layer: int = 0, n_layer: int = 1, *, codebook_size: int = 512,
+                 block_len: int = 512, commit_beta: float = 1e-4, ema_decay: float = 0.99,
+                 dead_threshold: float = 0.1, codebook_init: float = 0.1, rel_bias: bool = True,
+                 grad_thru_cache: bool = True, **options):
+        super().__init__()
+        if options:
+            raise ValueError(f"attention kind 'vq' takes no options {sorted(options)}; it knows "
+                             "codebook_size, block_len, commit_beta, ema_decay, dead_threshold, "
+                             "codebook_init, rel_bias, grad_thru_cache")
+        if cross:
+            raise ValueError("attention kind 'vq' cannot take the cross-attention role "
+                             "(set attention_cross='softmax')")
+        if d_model % n_head:
+            raise ValueError(f"d_model {d_model} is not a multiple of n_head {n_head}")
+        if codebook_size < 1 or block_len < 1:
+            raise ValueError(f"vq needs codebook_size >= 1 and block_len >= 1, got {codebook_size}, {block_len}")
+        H, D, S = n_head, d_model // n_head, codebook_size
+        self.n_head, self.head_dim, self.n_code, self.block_len = H, D, S, block_len
+        self.commit_beta, self.ema_decay, self.dead_threshold = commit_beta, ema_decay, dead_threshold
+        self.grad_thru_cache = grad_thru_cache
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.rel_bias = None
+        if rel_bias:  # b_h(d), d = i - j in (-L, L), index d + L - 1
+            dist = torch.arange(-(block_len - 1), block_len, dtype=torch.float32).abs()
+            self.rel_bias = nn.Parameter(-alibi_slopes(H)[:, None] * dist[None, :])  # (H, 2L-1)
+        gen = torch.Generator().manual_seed(0x51AB + layer)  # same initial codebook on every rank
+        cb = torch.randn(H, S, D, generator=gen) * codebook_init
+        self.register_buffer("codebook", cb)  # (H, S, D)
+        self.register_buffer("ema_count", torch.ones(H, S))  # (H, S)
+        self.register_buffer("ema_sum", cb.clone())  # (H, S, D)
+        self.register_buffer("ema_sq", (cb * cb).sum(-1))  # (H, S)
+        self.aux_loss: torch.Tensor | None = None
+        self._stats: list[torch.Tensor] | None = None  # this step's [count, sum, sq], not yet reduced
+
+    def new_cache(self) -> VQCache:
+        return VQCache()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def block_bias(self) -> torch.Tensor | None:
+        """(H, L, L): bias[h, i, j] = b_h(i - j) within a block."""
+        if self.rel_bias is None:
+            return None
+        L = self.block_len
+        pos = torch.arange(L, device=self.rel_bias.device)
+        return self.rel_bias[:, pos[:, None] - pos[None, :] + L - 1]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                causal: bool = False, key_mask: torch.Tensor | None = None,
+                cache: VQCache | None = None) -> torch.Tensor:
+        """x (B, T, C); key_mask (B, T) bool, True = real token."""
+        if context is not None:
+            raise ValueError("attention kind 'vq' is self-attention only; cross-attention stays softmax")
+        B, T, C = x.shape
+        q = self._heads(self.q_proj(x))  # (B, H, T, D)
+        k, v = map(self._heads, self.kv_proj(x).chunk(2, dim=-1))  # (B, H, T, D)
+        codes = quantise(k, self.codebook)  # (B, H, T)
+        if cache is not None:
+            if not causal or key_mask is not None:
+                raise ValueError("a vq cache is for causal decoding without a key_mask")
+            y = torch.cat([self._step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                      codes[:, :, t:t + 1], cache) for t in range(T)], dim=2)
+        else:
+            y = vq_attention(q, k, v, self.codebook, block_len=self.block_len, causal=causal,
+                             key_mask=key_mask, bias=self.block_bias(), codes=codes,
+                             grad_thru_cache=self.grad_thru_cache)
+        self.aux_loss = None
+        if self.training:
+            w = (torch.ones(B, 1, T, device=x.device) if key_mask is None
+                 else key_mask[:, None, :].float())  # (B, 1, T)
+            self._commit(k, codes, w)
+            self._accumulate(k.detach(), codes, w)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codes: torch.Tensor,
+              cache: VQCache) -> torch.Tensor:
+        """One causal token: q/k/v (N, H, 1, D), codes (N, H, 1) -> (N, H, 1, D)."""
+        L, scale = self.block_len, self.head_dim ** -0.5
+        if cache.length and cache.length % L == 0:
+            cache.fold(self.n_code)
+        i = cache.length % L  # position inside the current block
+        cache.append(straight_through(k, self.codebook, codes), v, codes)
+        cb = self.codebook.to(q.dtype)
+        e = (q @ cache.k.transpose(-1, -2)) * scale  # (N, H, 1, i+1)
+        bias = self.block_bias()
+        if bias is not None:
+            e = e + bias[None, :, i:i + 1, :i + 1].to(e.dtype)
+        if cache.vsum is None:
+            a = e.new_full((*e.shape[:3], 1), float("-inf"))
+            vsum, count = v.new_zeros(*v.shape[:2], 1, v.size(-1)), v.new_zeros(*v.shape[:2], 1)
+        else:
+            a = (q @ cb.transpose(-1, -2)) * scale  # (N, H, 1, S)
+            a = a.masked_fill(cache.count[:, :, None, :] <= 0.5, float("-inf"))
+            vsum, count = cache.vsum.to(q.dtype), cache.count.to(q.dtype)
+        return _combine(a, vsum, count, e, cache.v)
+
+    def _commit(self, k: torch.Tensor, codes: torch.Tensor, w: torch.Tensor) -> None:
+        """β · mean over real tokens of Σ_heads ‖k − sg(C[z])‖²."""
+        err = ((k - gather_codes(self.codebook.to(k.dtype), codes).detach()) ** 2).sum(-1)  # (B, H, T)
+        self.aux_loss = self.commit_beta * (err.float() * w).sum() / w.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def _accumulate(self, k: torch.Tensor, codes: torch.Tensor, w: torch.Tensor) -> None:
+        """Add this forward's per-code counts, key sums and squared norms to the step's stats."""
+        B, H, T, D = k.shape
+        S = self.n_code
+        idx = (torch.arange(H, device=k.device)[None, :, None] * S + codes).reshape(-1)  # (B·H·T,)
+        acc = torch.promote_types(k.dtype, torch.float32)  # statistics in float32 at least
+        wk = w.expand(B, H, T).reshape(-1).to(acc)
+        kf = k.to(acc).reshape(-1, D)
+        cnt = torch.zeros(H * S, dtype=acc, device=k.device).index_add_(0, idx, wk)
+        ksum = torch.zeros(H * S, D, dtype=acc, device=k.device).index_add_(0, idx, kf * wk[:, None])
+        ksq = torch.zeros(H * S, dtype=acc, device=k.device).index_add_(0, idx, (kf * kf).sum(-1) * wk)
+        new = [cnt.view(H, S), ksum.view(H, S, D), ksq.view(H, S)]
+        self._stats = new if self._stats is None else [a + b for a, b in zip(self._stats, new)]
+
+    @torch.no_grad()
+    def train_step_end(self, step: int, generator: torch.Generator, all_reduce) -> None:
+        """All-reduce the step's codebook statistics, then the EMA update and dead-code restarts."""
+        H, S, D = self.codebook.shape
+        stats = self._stats or [torch.zeros(H, S), torch.zeros(H, S, D), torch.zeros(H, S)]
+        acc = torch.promote_types(self.ema_sum.dtype, torch.float32)
+        flat = torch.cat([s.reshape(-1).to(acc) for s in stats]).to(self.codebook.device)
+        flat = all_reduce(flat)  # every rank calls it, forward or not
+        self._stats = None
+        count, ksum, ksq = flat[:H * S].view(H, S), flat[H * S:H * S * (D + 1)].view(H, S, D), \
+            flat[H * S * (D + 1):].view(H, S)
+        if float(count.sum()) > 0:
+            ema_codebook_update(self, count, ksum, ksq, generator)

@@ -1,0 +1,268 @@
+"""Transformer-VQ: block form == dense softmax over quantised keys, gradients, causality,
+decoding cache, position, padding, EMA codebook and its rank-shared restarts."""
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.attention_vq import VQAttention, VQCache, gather_codes, quantise, straight_through, vq_attention
+
+B, H, T, D, S, L = 2, 3, 21, 8, 5, 4  # T is not a multiple of L
+
+
+def rand(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, block_ste=False):
+    """O(T²) reference: softmax(q k̂ᵀ/√D [+ within-block bias]) v with k̂ = C[nearest code].
+
+    block_ste: k̂ carries the straight-through gradient only for pairs in one block (what the
+    linear-time form can give); otherwise to every pair.
+    """
+    n = k.size(2)
+    codes = quantise(k, codebook)
+    hard = gather_codes(codebook, codes)  # (B, H, T, D)
+    ste = k + (hard - k).detach()
+    blk = torch.arange(n) // block_len
+    same = blk[:, None] == blk[None, :]  # (T, T)
+    s_ste = q @ ste.transpose(-1, -2)
+    s = torch.where(same, s_ste, q @ hard.detach().transpose(-1, -2)) if block_ste else s_ste
+    s = s / math.sqrt(q.size(-1))
+    if bias is not None:
+        i = torch.arange(n) % block_len
+        s = s + torch.where(same, bias[:, i[:, None], i[None, :]], torch.zeros(()).to(s))
+    if causal:
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def inputs(seed: int = 0, requires_grad: bool = False):
+    q, k, v = (rand(B, H, T, D, seed=seed + i).requires_grad_(requires_grad) for i in range(3))
+    return q, k, v, rand(H, S, D, seed=seed + 9)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_form_equals_dense(causal: bool) -> None:
+    q, k, v, cb = inputs()
+    assert rel_err(vq_attention(q, k, v, cb, block_len=L, causal=causal), dense(q, k, v, cb, causal=causal)) < 1e-9
+    bias = rand(H, L, L, seed=5)  # the within-block relative bias path, padding masked
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 13:] = False
+    out = vq_attention(q, k, v, cb, block_len=L, causal=causal, key_mask=mask, bias=bias)
+    assert rel_err(out, dense(q, k, v, cb, causal=causal, key_mask=mask, bias=bias)) < 1e-9
+
+
+def test_float32_matches_and_large_scores_stay_finite() -> None:
+    q, k, v, cb = inputs()
+    ref = dense(q, k, v, cb, causal=True)
+    out = vq_attention(q.float(), k.float(), v.float(), cb.float(), block_len=L, causal=True)
+    assert rel_err(out.double(), ref) < 1e-5
+    big = vq_attention(100 * q, k, v, 10 * cb, block_len=L, causal=True)  # scores ~1e3: exp overflows unstabilised
+    assert torch.isfinite(big).all() and rel_err(big, dense(100 * q, k, v, 10 * cb, causal=True)) < 1e-9
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_match_dense(causal: bool) -> None:
+    q, k, v, cb = inputs(requires_grad=True)
+    bias = rand(H, L, L, seed=6).requires_grad_(True)
+    g = rand(B, H, T, D, seed=7)
+    got = torch.autograd.grad((vq_attention(q, k, v, cb, block_len=L, causal=causal, bias=bias) * g).sum(),
+                              (q, k, v, bias))
+    ref = torch.autograd.grad((dense(q, k, v, cb, causal=causal, bias=bias, block_ste=True) * g).sum(),
+                              (q, k, v, bias))
+    for name, a, b in zip("q k v bias".split(), got, ref):
+        assert rel_err(a, b) < 1e-9, name
+    # q and v are exact against the plain dense form too; k differs (cross-block STE dropped)
+    full = torch.autograd.grad((dense(q, k, v, cb, causal=causal, bias=bias) * g).sum(), (q, k, v))
+    assert rel_err(got[0], full[0]) < 1e-9 and rel_err(got[2], full[2]) < 1e-9
+    assert rel_err(got[1], full[1]) > 1e-3
+
+
+def test_truncated_gradient_option_stops_old_values() -> None:
+    q, k, v, cb = inputs(requires_grad=True)
+    out = vq_attention(q, k, v, cb, block_len=L, causal=True, grad_thru_cache=False)
+    gv, = torch.autograd.grad(out[:, :, -1].sum(), v)  # last query is in block 5 (keys 20..)
+    assert gv[:, :, :20].abs().max() == 0 and gv[:, :, 20:].abs().max() > 0
+    gv_full, = torch.autograd.grad(vq_attention(q, k, v, cb, block_len=L)[:, :, -1].sum(), v)
+    assert gv_full[:, :, :20].abs().max() > 0
+
+
+def test_codebook_holding_every_key_equals_softmax() -> None:
+    q, k, v, _ = inputs()
+    q, k, v = q[:1], k[:1], v[:1]
+    cb = k[0].clone()  # (H, T, D): each key is its own code
+    out = vq_attention(q, k, v, cb, block_len=L, causal=True)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-12, rtol=0)
+    out = vq_attention(q, k, v, cb, block_len=L, causal=False)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12, rtol=0)
+
+
+def test_quantiser_and_straight_through() -> None:
+    _, k, _, cb = inputs()
+    codes = quantise(k, cb)
+    brute = ((k[..., None, :] - cb[None, :, None]) ** 2).sum(-1).argmin(-1)  # (B, H, T)
+    assert torch.equal(codes, brute)
+    kk = k.clone().requires_grad_(True)
+    k_hat = straight_through(kk, cb, codes)
+    torch.testing.assert_close(k_hat, gather_codes(cb, codes), atol=1e-12, rtol=0)
+    g = rand(*k.shape, seed=3)
+    assert torch.equal(torch.autograd.grad((k_hat * g).sum(), kk)[0], g)  # ∂k̂/∂k = I
+
+
+def layer(seed: int = 0, **kw) -> VQAttention:
+    torch.manual_seed(seed)
+    opts = dict(codebook_size=6, block_len=4, codebook_init=0.3) | kw
+    return VQAttention(d_model=16, n_head=2, **opts).double()
+
+
+def causal_sensitivity(attn, x: torch.Tensor) -> torch.Tensor:
+    """|∂(r·y_t)/∂x_j| summed over channels, r random: (T out, T in); the Jacobian's block pattern."""
+    x = x.clone().requires_grad_(True)
+    y = attn(x, causal=True)[0]  # (T, C)
+    r = rand(y.size(-1), seed=99)
+    rows = [torch.autograd.grad(y[t] @ r, x, retain_graph=True)[0][0].abs().sum(-1) for t in range(y.size(0))]
+    return torch.stack(rows)
+
+
+def test_module_causality_jacobian() -> None:
+    attn = layer().eval()
+    x = rand(1, 10, 16, seed=1)
+    per_pair = causal_sensitivity(attn, x)  # (T out, T in)
+    assert per_pair.triu(1).max() == 0
+    assert (per_pair.tril() > 0).sum() == 10 * 11 // 2  # every past input matters
+
+
+def test_incremental_decoding_equals_full_with_reorder() -> None:
+    attn = layer().eval()
+    x = rand(3, 11, 16, seed=2)  # 11 tokens: 2 full blocks and a partial one
+    perm = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        full, full_perm = attn(x, causal=True), attn(x[perm], causal=True)
+        cache, steps = attn.new_cache(), []
+        for t in range(11):
+            if t == 6:
+                cache = cache.index_select(perm)
+            rows = perm if t >= 6 else torch.arange(3)
+            steps.append(attn(x[rows, t:t + 1], causal=True, cache=cache))
+    assert isinstance(cache, VQCache) and cache.length == 11
+    assert cache.vsum.shape == (3, 2, 6, 8)  # O(S·D) per head, whatever the length
+    torch.testing.assert_close(torch.cat(steps[:6], 1), full[:, :6], atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.cat(steps[6:], 1), full_perm[:, 6:], atol=1e-12, rtol=0)
+
+
+def test_encoder_layer_depends_on_token_order() -> None:
+    x = rand(1, 8, 16, seed=4)
+    perm = torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])
+    for rel_bias, order_matters in ((True, True), (False, False)):
+        attn = layer(rel_bias=rel_bias).eval()
+        y, y_perm = attn(x), attn(x[:, perm])
+        assert torch.allclose(y[:, perm], y_perm, atol=1e-12) != order_matters, rel_bias
+
+
+def test_key_mask_drops_padded_keys() -> None:
+    attn = layer().eval()
+    x = rand(2, 9, 16, seed=5)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    x2 = x.clone()
+    x2[1, 6:] = rand(3, 16, seed=6)  # change what sits under the padding
+    y, y2 = attn(x, key_mask=mask), attn(x2, key_mask=mask)
+    torch.testing.assert_close(y[1, :6], y2[1, :6], atol=1e-12, rtol=0)
+    torch.testing.assert_close(y[1, :6], attn(x[1:, :6])[0], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="cross-attention role"):
+        VQAttention(d_model=16, n_head=2, cross=True)
+    with pytest.raises(ValueError, match="no options"):
+        VQAttention(d_model=16, n_head=2, window=3)
+
+
+def test_gradients_reach_qkv_and_commitment_loss() -> None:
+    attn = layer(commit_beta=0.5).train()
+    x = rand(2, 9, 16, seed=7)
+    y = attn(x, causal=True)
+    assert attn.aux_loss is not None and attn.aux_loss > 0
+    with torch.no_grad():
+        k = attn._heads(attn.kv_proj(x).chunk(2, -1)[0])
+        err = ((k - gather_codes(attn.codebook, quantise(k, attn.codebook))) ** 2).sum((1, 3)).mean()
+    torch.testing.assert_close(attn.aux_loss, 0.5 * err.float(), rtol=1e-5, atol=0)
+    (y.square().sum() + attn.aux_loss).backward()
+    d = 16
+    for name, grad in (("q", attn.q_proj.weight.grad), ("k", attn.kv_proj.weight.grad[:d]),
+                       ("v", attn.kv_proj.weight.grad[d:])):
+        assert grad is not None and grad.abs().max() > 0, name
+    attn.eval()
+    attn(x)
+    assert attn.aux_loss is None
+
+
+def identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def test_ema_codebook_is_kmeans_step_and_dead_codes_restart_from_generator() -> None:
+    attn, twin = (layer(ema_decay=0.0, dead_threshold=0.5).train() for _ in range(2))
+    x = rand(2, 9, 16, seed=8)
+    attn(x)
+    twin(x)
+    with torch.no_grad():
+        k = attn._heads(attn.kv_proj(x).chunk(2, -1)[0])  # (B, H, T, D)
+        codes = quantise(k, attn.codebook)
+    before = attn.codebook.clone()
+    torch.manual_seed(123)  # the global RNG must not matter
+    attn.train_step_end(0, torch.Generator().manual_seed(1), identity)
+    torch.manual_seed(456)
+    twin.train_step_end(0, torch.Generator().manual_seed(1), identity)
+    assert torch.equal(attn.codebook, twin.codebook)  # same generator -> same restarts
+    for h in range(2):
+        for s in range(6):
+            sel = codes[:, h] == s
+            if sel.any():  # γ = 0: a used code becomes the mean of its keys
+                torch.testing.assert_close(attn.codebook[h, s], k[:, h][sel].mean(0), atol=1e-12, rtol=0)
+            else:  # dead: restarted, away from its old place
+                assert not torch.allclose(attn.codebook[h, s], before[h, s])
+    third = layer(ema_decay=0.0, dead_threshold=0.5).train()
+    third(x)
+    third.train_step_end(0, torch.Generator().manual_seed(2), identity)
+    assert not torch.equal(third.codebook, attn.codebook)  # another draw moves the dead codes elsewhere
+
+
+def test_two_ranks_all_reduced_keep_identical_codebooks() -> None:
+    """Two ranks, different data, stats summed by a simulated all_reduce: one codebook, equal to
+    a single process that saw both batches."""
+    ranks = [layer(ema_decay=0.9, dead_threshold=0.6).train() for _ in range(2)]
+    single = layer(ema_decay=0.9, dead_threshold=0.6).train()
+    xs = [rand(2, 9, 16, seed=10), rand(2, 9, 16, seed=11)]
+    barrier, box, lock = threading.Barrier(2), [], threading.Lock()
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        with lock:
+            box.append(t.clone())
+        barrier.wait()
+        t.copy_(box[0] + box[1])
+        barrier.wait()
+        return t
+
+    for step in range(3):
+        box.clear()
+        for r in range(2):
+            ranks[r](xs[r] + 0.1 * step)
+        single(torch.cat(xs) + 0.1 * step)
+        threads = [threading.Thread(target=m.train_step_end, args=(step, torch.Generator().manual_seed(step), all_reduce))
+                   for m in ranks]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        single.train_step_end(step, torch.Generator().manual_seed(step), identity)
+    assert torch.equal(ranks[0].codebook, ranks[1].codebook)
+    torch.testing.assert_close(ranks[0].codebook, single.codebook, atol=1e-6, rtol=0)
+    assert (ranks[0].codebook - layer().codebook).abs().max() > 1e-3  # it did move
+    assert {"codebook", "ema_count", "ema_sum", "ema_sq"} <= set(ranks[0].state_dict())
