@@ -164,6 +164,46 @@ def choose_on_validation(cfg: KgcluePipelineConfig, model_dir: str, vocab_dir: s
     return choice
 
 
+def finetune_multitask(cfg: KgcluePipelineConfig, model_dir: str, vocab_dir: str, model_m: dict) -> tuple[str, dict]:
+    """The finetune-multitask stage: warm-start from the trained generator, fine-tune with the
+    auxiliary tasks under the chosen gradient rule (tasks/adapters/multitask.py; ZeRO-0, the
+    stage where a combined direction really is applied), then keep whichever of (fine-tuned,
+    original) scores better on the validation slice (beam alone). Returns (model dir, report)."""
+    from dataclasses import asdict
+
+    from tasks.evaluate import trained_max_src_len
+    from tasks.train import TrainSpec
+    p = cfg.preset_values()
+    gen = dict((model_m.get("spec") or {}).get("model") or {})
+    spec = TrainSpec(task="multitask", data_dir=str((cfg.out / "data").resolve()),
+                     vocab_dir=str(Path(vocab_dir).resolve()), warm_start=str(Path(model_dir).resolve()),
+                     data={"method": cfg.multitask, "aux": ["subject_tags", "predicate_match"],
+                           "holdout": cfg.holdout()},
+                     model=gen, steps=p["multitask_steps"], micro_batch=p["micro_batch"], lr=p["lr"] * 0.3,
+                     warmup=10, zero_stage=0, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, seed=cfg.seed,
+                     checkpoint_every=max(20, p["multitask_steps"] // 5))
+    tuned_dir = str(cfg.out / "model-multitask")
+    tuned_m = train_step.with_options(name="finetune-multitask")(
+        asdict(spec), str((cfg.out / "ray").resolve()), tuned_dir, cfg.ray_address, cfg.max_failures)
+    rows = _val_rows(cfg)
+    report = {"method": cfg.multitask, "run_name": tuned_m["run_name"], "steps": tuned_m["steps"], "chosen": "original"}
+    if not rows:
+        report["why"] = "no validation slice: the original generator is kept"
+        return model_dir, report
+    val_dir = str(cfg.out / "eval" / "val")
+    Path(val_dir).mkdir(parents=True, exist_ok=True)
+    scores = {}
+    for name, d in (("original", model_dir), ("finetuned", tuned_dir)):
+        scores[name] = evaluate_step.with_options(name=f"validate-{name}")(
+            d, vocab_dir, str(cfg.out / "trie"), rows, val_dir, f"val_{name}", cfg.beam, cfg.lookahead,
+            max_src_len=trained_max_src_len(d))["score"]
+    report.update(val_scores=scores, chosen="finetuned" if scores["finetuned"] > scores["original"] else "original")
+    reporting.table("kgclue-multitask-choice", [{"model": k, "val_score": v, "chosen": k == report["chosen"]}
+                                                for k, v in scores.items()],
+                    f"finetune-multitask ({cfg.multitask}) vs the original generator on {len(rows)} validation questions")
+    return (tuned_dir if report["chosen"] == "finetuned" else model_dir), report
+
+
 @flow(name="train-seq2seq", log_prints=True)
 def train_seq2seq_flow(config: KgcluePipelineConfig) -> dict:
     """The data stages (cached) and the training stage alone, with a markdown report."""
@@ -224,6 +264,9 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
                            config.from_run)
         ranker_dirs = found
         ranker_ms = [read_manifest(d) for d in found]
+    multitask = None
+    if config.multitask and not config.from_run:
+        model_dir, multitask = finetune_multitask(config, model_dir, vocab_dir, model_m)
     max_src_len = trained_max_src_len(model_dir)
     choice = choose_on_validation(config, model_dir, vocab_dir, ranker_dirs if ranker_ms else [], max_src_len)
     ranker_arg = ranker_dirs[:choice["rankers"]] if ranker_ms and choice["rankers"] else None
@@ -261,7 +304,7 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
         "reranked": ranker_arg is not None, "rankers_used": len(ranker_arg or []),
         "ranker_run_names": [m.get("run_name") for m in ranker_ms],
         "ranker_train_wall_s": round(sum(m.get("train_wall_s") or 0 for m in ranker_ms), 1),
-        "validation": choice, "leaderboard_file": bool(test_rows),
+        "validation": choice, "leaderboard_file": bool(test_rows), "multitask": multitask,
         "density_auroc": {c["corruption"]: c["auroc"] for c in density["auroc"]} if density else None,
         "cpu": _cpu_label(), "ranker_cpu_bf16": (not config.use_gpu) and choose_cpu_bf16(config.cpu_precision),
         "accelerator": "cuda" if config.use_gpu else "cpu",
@@ -324,6 +367,8 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
     ap.add_argument("--no-rerank", action="store_true", help="skip the re-ranker (beam search alone)")
     ap.add_argument("--ranker-steps", type=int, help="re-ranker training steps (default: the preset's)")
     ap.add_argument("--rankers", type=int, help="re-ranker ensemble size (default: the preset's)")
+    ap.add_argument("--multitask", choices=("primary_aux", "primary_aux_published", "pcgrad", "gradcosine",
+                                            "weighted_sum"), help="add the finetune-multitask stage with this rule")
     ap.add_argument("--density", action="store_true",
                     help="add the density stage (VAE on question encodings, log q(x), AUROC vs corrupted)")
     ap.add_argument("--seed", type=int, default=0)
@@ -335,7 +380,8 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
                                 steps=a.steps, micro_batch=a.micro_batch, global_batch=a.global_batch,
                                 beam=a.beam, lookahead=not a.no_lookahead, lookahead_rule=a.lookahead_rule,
                                 rerank=not a.no_rerank,
-                                ranker_steps=a.ranker_steps, rankers=a.rankers, density=a.density, seed=a.seed)
+                                ranker_steps=a.ranker_steps, rankers=a.rankers, multitask=a.multitask, density=a.density,
+                                seed=a.seed)
 
 
 def _stop_ray() -> None:

@@ -16,14 +16,14 @@ PRESETS = {
     #        model size, steps, micro batch/worker, lr, warmup, dev questions evaluated (None: all),
     #        re-ranker: steps, groups of candidates per worker and step, lr, ensemble size (seeds),
     #        validation slice questions scored per choice (None: all), ZeRO stage, GPU required
-    "tiny": dict(model="tiny", steps=600, micro_batch=32, lr=2e-3, warmup=30, eval_limit=None, test_limit=None,
+    "tiny": dict(multitask_steps=100, model="tiny", steps=600, micro_batch=32, lr=2e-3, warmup=30, eval_limit=None, test_limit=None,
                  ranker_steps=300, ranker_micro_batch=16, ranker_lr=1e-3, rankers=1, val_limit=300,
                  zero_stage=1, gpu=False),
-    "base": dict(model="base", steps=1200, micro_batch=32, lr=1e-3, warmup=100, eval_limit=None, test_limit=None,
+    "base": dict(multitask_steps=300, model="base", steps=1200, micro_batch=32, lr=1e-3, warmup=100, eval_limit=None, test_limit=None,
                  ranker_steps=3000, ranker_micro_batch=16, ranker_lr=1e-3, rankers=3, val_limit=None,
                  zero_stage=1, gpu=False),
     # The 104M model of models/seq2seq.PRESETS["gpu"] on GPU workers: bf16 + NCCL + ZeRO-2.
-    "gpu": dict(model="gpu", steps=3000, micro_batch=128, lr=5e-4, warmup=200, eval_limit=None, test_limit=None,
+    "gpu": dict(multitask_steps=500, model="gpu", steps=3000, micro_batch=128, lr=5e-4, warmup=200, eval_limit=None, test_limit=None,
                 ranker_steps=3000, ranker_micro_batch=64, ranker_lr=5e-4, rankers=3, val_limit=None,
                 zero_stage=2, gpu=True),
 }
@@ -68,6 +68,10 @@ class KgcluePipelineConfig(BaseModel):
     rerank: bool = Field(True, description="train the candidate re-ranker and re-rank the beam's subjects' keys")
     ranker_steps: int | None = Field(None, ge=1, description="override the preset's re-ranker training steps")
     rankers: int | None = Field(None, ge=1, le=8, description="override the preset's re-ranker ensemble size")
+    multitask: Literal["primary_aux", "primary_aux_published", "pcgrad", "gradcosine", "weighted_sum"] | None = Field(
+        None, description="the finetune-multitask stage: fine-tune the trained generator with auxiliary tasks "
+                          "(subject tagging, look-alike predicate matching) combined by this rule (ZeRO-0); the "
+                          "better of fine-tuned and original on the validation slice goes to evaluation")
     density: bool = Field(False, description="the density stage: a VAE on the encoder's question encodings, "
                                              "log q(x) per question, AUROC vs corrupted questions")
     seed: int = 0

@@ -151,3 +151,19 @@ def test_density_stage_scores_every_question_and_separates_corrupted_ones(first_
     assert all(0.0 <= c["auroc"] <= 1.0 for c in d["auroc"]) and m["density_auroc"]["random_chars"] > 0.5
     assert sum(r["n"] for r in d["deciles"]) == 40
     assert (out / "density" / "model" / "manifest.json").is_file()
+
+
+def test_finetune_multitask_stage_warm_starts_and_the_validation_slice_decides(prefect_harness, ray_local, tmp_path):
+    """--multitask primary_aux: the trained generator is fine-tuned with the auxiliary tasks
+    (ZeRO-0), both models are scored on the validation slice, and the better one is evaluated."""
+    data = write_sample(tmp_path / "mt-data", n_train=160, n_dev=10, n_test=2, seed=3)
+    out = tmp_path / "mt"
+    m = kgclue_pipeline(KgcluePipelineConfig(preset="tiny", out=out, data_dir=data, steps=20, rerank=False,
+                                             multitask="primary_aux"))
+    mt = m["multitask"]
+    assert mt["method"] == "primary_aux" and set(mt["val_scores"]) == {"original", "finetuned"}
+    best = max(mt["val_scores"], key=lambda k: (mt["val_scores"][k], k == "original"))
+    assert mt["chosen"] == best
+    tuned = json.loads((out / "model-multitask" / "manifest.json").read_text())
+    assert tuned["spec"]["task"] == "multitask" and tuned["spec"]["warm_start"].endswith("model")
+    assert tuned["spec"]["zero_stage"] == 0
