@@ -105,7 +105,9 @@ def val_rows(run: Path, holdout: dict | None, limit: int) -> list[dict]:
 
 
 def _mean5(v: list[float], first: bool) -> float:
-    return float(np.mean(v[:5] if first else v[-5:])) if v else float("nan")
+    """Mean of the first (or last) min(5, len/2) values, so the two windows never overlap."""
+    k = max(1, min(5, len(v) // 2))
+    return float(np.mean(v[:k] if first else v[-k:])) if v else float("nan")
 
 
 def plot(results: list[dict], path: Path) -> None:
