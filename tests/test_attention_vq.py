@@ -18,10 +18,13 @@ def rand(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, block_ste=False):
-    """O(T²) reference: softmax(q k̂ᵀ/√D [+ within-block bias]) v with k̂ = C[nearest code].
+def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, block_ste=False,
+          prev_block=True):
+    """O(T²) reference: softmax(q k̂ᵀ/√D [+ window bias]) v with k̂ = C[nearest code].
 
-    block_ste: k̂ carries the straight-through gradient only for pairs in one block (what the
+    The explicit window of a query in block n: block n, and block n−1 when causal and
+    prev_block; bias (H, L, 2L) (columns: block n−1, block n) or (H, L, L) is added there.
+    block_ste: k̂ carries the straight-through gradient only for pairs in the window (what the
     linear-time form can give); otherwise to every pair.
     """
     n = k.size(2)
@@ -30,12 +33,15 @@ def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, b
     ste = k + (hard - k).detach()
     blk = torch.arange(n) // block_len
     same = blk[:, None] == blk[None, :]  # (T, T)
+    two = causal and prev_block
+    window = same | (blk[:, None] - 1 == blk[None, :]) if two else same
     s_ste = q @ ste.transpose(-1, -2)
-    s = torch.where(same, s_ste, q @ hard.detach().transpose(-1, -2)) if block_ste else s_ste
+    s = torch.where(window, s_ste, q @ hard.detach().transpose(-1, -2)) if block_ste else s_ste
     s = s / math.sqrt(q.size(-1))
     if bias is not None:
         i = torch.arange(n) % block_len
-        s = s + torch.where(same, bias[:, i[:, None], i[None, :]], torch.zeros(()).to(s))
+        col = i[None, :] + (block_len * same.long() if two else 0)  # (T, T) the key's bias column
+        s = s + torch.where(window, bias[:, i[:, None], col], torch.zeros(()).to(s))
     if causal:
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     if key_mask is not None:
@@ -52,15 +58,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_block_form_equals_dense(causal: bool) -> None:
+@pytest.mark.parametrize("causal,prev_block", [(True, True), (True, False), (False, True)],
+                         ids=["causal-two-block-window", "causal-one-block", "bidirectional"])
+def test_block_form_equals_dense(causal: bool, prev_block: bool) -> None:
     q, k, v, cb = inputs()
-    assert rel_err(vq_attention(q, k, v, cb, block_len=L, causal=causal), dense(q, k, v, cb, causal=causal)) < 1e-9
-    bias = rand(H, L, L, seed=5)  # the within-block relative bias path, padding masked
+    out = vq_attention(q, k, v, cb, block_len=L, causal=causal, prev_block=prev_block)
+    assert rel_err(out, dense(q, k, v, cb, causal=causal)) < 1e-9  # no bias: the window does not matter
+    two = causal and prev_block
+    bias = rand(H, L, 2 * L if two else L, seed=5)  # the explicit window's bias path, padding masked
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, 13:] = False
-    out = vq_attention(q, k, v, cb, block_len=L, causal=causal, key_mask=mask, bias=bias)
-    assert rel_err(out, dense(q, k, v, cb, causal=causal, key_mask=mask, bias=bias)) < 1e-9
+    out = vq_attention(q, k, v, cb, block_len=L, causal=causal, key_mask=mask, bias=bias, prev_block=prev_block)
+    assert rel_err(out, dense(q, k, v, cb, causal=causal, key_mask=mask, bias=bias, prev_block=prev_block)) < 1e-9
+    with pytest.raises(ValueError, match="explicit window"):
+        vq_attention(q, k, v, cb, block_len=L, causal=causal, bias=rand(H, L, 3 * L, seed=1), prev_block=prev_block)
 
 
 def test_float32_matches_and_large_scores_stay_finite() -> None:
@@ -75,7 +86,7 @@ def test_float32_matches_and_large_scores_stay_finite() -> None:
 @pytest.mark.parametrize("causal", [True, False])
 def test_gradients_match_dense(causal: bool) -> None:
     q, k, v, cb = inputs(requires_grad=True)
-    bias = rand(H, L, L, seed=6).requires_grad_(True)
+    bias = rand(H, L, 2 * L if causal else L, seed=6).requires_grad_(True)
     g = rand(B, H, T, D, seed=7)
     got = torch.autograd.grad((vq_attention(q, k, v, cb, block_len=L, causal=causal, bias=bias) * g).sum(),
                               (q, k, v, bias))
@@ -92,10 +103,10 @@ def test_gradients_match_dense(causal: bool) -> None:
 def test_truncated_gradient_option_stops_old_values() -> None:
     q, k, v, cb = inputs(requires_grad=True)
     out = vq_attention(q, k, v, cb, block_len=L, causal=True, grad_thru_cache=False)
-    gv, = torch.autograd.grad(out[:, :, -1].sum(), v)  # last query is in block 5 (keys 20..)
-    assert gv[:, :, :20].abs().max() == 0 and gv[:, :, 20:].abs().max() > 0
+    gv, = torch.autograd.grad(out[:, :, -1].sum(), v)  # last query is in block 5: window = keys 16..20
+    assert gv[:, :, :16].abs().max() == 0 and gv[:, :, 16:].abs().max() > 0
     gv_full, = torch.autograd.grad(vq_attention(q, k, v, cb, block_len=L)[:, :, -1].sum(), v)
-    assert gv_full[:, :, :20].abs().max() > 0
+    assert gv_full[:, :, :16].abs().max() > 0
 
 
 def test_codebook_holding_every_key_equals_softmax() -> None:
@@ -143,8 +154,9 @@ def test_module_causality_jacobian() -> None:
     assert (per_pair.tril() > 0).sum() == 10 * 11 // 2  # every past input matters
 
 
-def test_incremental_decoding_equals_full_with_reorder() -> None:
-    attn = layer().eval()
+@pytest.mark.parametrize("prev_block", [True, False], ids=["two-block-window", "one-block"])
+def test_incremental_decoding_equals_full_with_reorder(prev_block: bool) -> None:
+    attn = layer(prev_block=prev_block).eval()
     x = rand(3, 11, 16, seed=2)  # 11 tokens: 2 full blocks and a partial one
     perm = torch.tensor([2, 0, 0])
     with torch.no_grad():
@@ -192,7 +204,7 @@ def test_gradients_reach_qkv_and_commitment_loss() -> None:
     y = attn(x, causal=True)
     assert attn.aux_loss is not None and attn.aux_loss > 0
     with torch.no_grad():
-        k = attn._heads(attn.kv_proj(x).chunk(2, -1)[0])
+        k = attn.qkv(x)[1]
         err = ((k - gather_codes(attn.codebook, quantise(k, attn.codebook))) ** 2).sum((1, 3)).mean()
     torch.testing.assert_close(attn.aux_loss, 0.5 * err.float(), rtol=1e-5, atol=0)
     (y.square().sum() + attn.aux_loss).backward()
@@ -215,7 +227,7 @@ def test_ema_codebook_is_kmeans_step_and_dead_codes_restart_from_generator() -> 
     attn(x)
     twin(x)
     with torch.no_grad():
-        k = attn._heads(attn.kv_proj(x).chunk(2, -1)[0])  # (B, H, T, D)
+        k = attn.qkv(x)[1]  # (B, H, T, D)
         codes = quantise(k, attn.codebook)
     before = attn.codebook.clone()
     torch.manual_seed(123)  # the global RNG must not matter
