@@ -350,8 +350,35 @@ def _checkpoint(engine, spec: TrainSpec, part, model, rank: int, done: int, loss
             (Path(tmp) / MODEL_CONFIG).write_text(json.dumps(cfg))
             if val["history"]:
                 (Path(tmp) / "validation.json").write_text(json.dumps(val))
-        ray.train.report({"step": done, "loss": float(np.mean(losses[-10:]))},
+        ray.train.report({"step": done, "loss": float(np.mean(losses[-10:])),
+                          "replica_sha256": replica_hashes(engine.module if spec.zero_stage < 3 else None)},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def state_sha256(module) -> str:
+    """One hash of a module's whole state (parameters and buffers: codebooks, projections), in
+    key order, by exact bytes."""
+    import torch
+    h = hashlib.sha256()
+    for k, t in module.state_dict().items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def replica_hashes(module) -> list[str]:
+    """Every rank's :func:`state_sha256`, in rank order (a collective: all ranks call it). Data
+    parallelism promises identical replicas after each step; this is the check. ZeRO-3 shards the
+    parameters, so there is no replica to hash: []."""
+    import torch.distributed as dist
+    if module is None:
+        return []
+    mine = state_sha256(module)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -384,6 +411,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     placements: list[dict] = field(default_factory=list)  # one "worker-start" per (re)started rank
     validations: list[dict] = field(default_factory=list)  # the validation passes, in order
+    replica_sha256: list[str] = field(default_factory=list)  # every rank's state hash at the last checkpoint
 
 
 def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_failures: int = 2,
@@ -448,7 +476,7 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
                        int(result.metrics.get("step", spec.steps)) if result.metrics else spec.steps,
                        float(result.metrics.get("loss", float("nan"))) if result.metrics else float("nan"),
                        float(np.median(rates)) if rates else 0.0, time.perf_counter() - t0, history,
-                       placements, validations)
+                       placements, validations, list((result.metrics or {}).get("replica_sha256") or []))
 
 
 def ranker_dir(run_dir: str | Path, member: int) -> Path:
