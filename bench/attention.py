@@ -6,7 +6,9 @@
 q, k, v are given (no projections): batch 1, 8 heads, head dim 64. The baseline is torch SDPA
 with ``is_causal=True`` (no explicit mask), measured in the same run; vq is
 :func:`models.attention_vq.vq_attention` (S = 512 codes, block_len 512), performer is
-:func:`models.attention_performer.performer_attention` (m = 256 features). Every (impl, T)
+:func:`models.attention_performer.performer_attention` (m = 256 features), window is
+:func:`models.attention_window.window_attention` (w = 128, blocked, O(T·w)). The
+``--linear-lengths`` (default 64k) are measured for the linear-time impls only. Every (impl, T)
 point runs in a fresh subprocess: its peak memory is the ru_maxrss growth (CUDA: the
 max_memory_allocated growth) over a baseline taken after imports and input allocation; its
 time is the median of ``--repeat`` runs after a warm-up. ``IMPLS`` is the table of contenders:
@@ -35,6 +37,7 @@ from bench import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS, HEAD_DIM = 8, 64
+WINDOW = 128  # the window impl's w (keys per query, the query included)
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -56,6 +59,11 @@ def _vq_run(q, k, v, codebook):
     return vq_attention(q, k, v, codebook, block_len=512, causal=True)
 
 
+def _window_run(q, k, v, _):
+    from models.attention_window import window_attention
+    return window_attention(q, k, v, WINDOW)
+
+
 def _performer_setup(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     from models.attention_performer import orthogonal_gaussian
     return orthogonal_gaussian(256, HEAD_DIM, torch.Generator().manual_seed(1)).to(device, dtype)
@@ -70,7 +78,10 @@ IMPLS: dict[str, Impl] = {
     "sdpa": Impl(lambda device, dtype: None, lambda q, k, v, _: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
     "vq": Impl(_vq_setup, _vq_run),
     "performer": Impl(_performer_setup, _performer_run),
+    "window": Impl(lambda device, dtype: None, _window_run),
 }
+LINEAR_ONLY_LENGTHS = (65536,)  # measured for the linear-time impls only (SDPA's T x T is the point)
+LINEAR_IMPLS = frozenset({"vq", "performer", "window"})
 
 
 # --------------------------------------------------------------------------- one point
@@ -155,6 +166,13 @@ def ratios(results: list[dict]) -> dict:
                                     for n in lengths if ("sdpa", n) in t and (impl, n) in t}
     wins = [n for n in lengths if ("sdpa", n) in t and ("performer", n) in t and t[("performer", n)] < t[("sdpa", n)]]
     out["performer_crossover_len"] = wins[0] if wins else None
+    # time growth: t(T) / t(T/2) at every measured doubling (linear time -> ~2, quadratic -> ~4),
+    # and the goal figure t(32k) / t(8k) (linear: 4, quadratic: 16).
+    for impl in sorted({r["impl"] for r in results}):
+        out[f"growth_{impl}"] = {str(n): round(t[(impl, n)] / t[(impl, n // 2)], 3)
+                                 for n in lengths if (impl, n) in t and (impl, n // 2) in t}
+        if (impl, 32768) in t and (impl, 8192) in t:
+            out[f"{impl}_32k_over_8k"] = round(t[(impl, 32768)] / t[(impl, 8192)], 3)
     return out
 
 
@@ -186,6 +204,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the result here")
     ap.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
     ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--linear-lengths", default=",".join(map(str, LINEAR_ONLY_LENGTHS)),
+                    help="extra lengths measured for the linear-time impls only (vq, performer, window)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -204,16 +224,22 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown impls {unknown}; known: {sorted(IMPLS)}")
     lengths = [int(n) for n in args.lengths.split(",") if n]
+    if args.linear_lengths:
+        lengths += [int(n) for n in args.linear_lengths.split(",") if n and int(n) not in lengths]
+    linear_only = set(lengths) - {int(n) for n in args.lengths.split(",") if n}
     results = []
     for n in lengths:
         for impl in impls:
+            if n in linear_only and impl not in LINEAR_IMPLS:
+                continue
             r = run_point_subprocess(impl, n, args)
             print(json.dumps(r), file=sys.stderr, flush=True)
             results.append(r)
     info = machine(args.threads, device)
     doc = {"machine": info, "config": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": args.dtype,
                                        "causal": True, "repeat": args.repeat, "vq": {"codebook_size": 512, "block_len": 512},
-                                       "performer": {"nb_features": 256}},
+                                       "performer": {"nb_features": 256},
+                                       "window": {"window": WINDOW}},
            "results": results, "ratios": ratios(results)}
     if args.plot:
         plot(results, args.plot, f"{info['cpu'] if device.type == 'cpu' else info.get('gpu')}, "

@@ -1,0 +1,41 @@
+"""bench.attention end to end at toy lengths: every impl in a fresh process, the linear-only
+lengths skip SDPA, the ratios and growth figures are computed from the measured rows."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from bench.attention import IMPLS, LINEAR_IMPLS, ratios
+from tests.conftest import ROOT
+
+
+def test_bench_runs_every_impl_and_skips_sdpa_at_linear_only_lengths(tmp_path):
+    out, png = tmp_path / "a.json", tmp_path / "a.png"
+    r = subprocess.run([sys.executable, "-m", "bench.attention", "--lengths", "128,256", "--linear-lengths", "512",
+                        "--repeat", "1", "--threads", "1", "--json", str(out), "--plot", str(png)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    got = {(x["impl"], x["seq_len"]) for x in doc["results"]}
+    want = {(i, n) for i in IMPLS for n in (128, 256)} | {(i, 512) for i in IMPLS if i in LINEAR_IMPLS}
+    assert got == want
+    assert all(x.get("fwd_bwd_s") and x["fwd_bwd_s"] > 0 for x in doc["results"]), doc["results"]
+    assert doc["machine"]["cpu"] and doc["config"]["window"]["window"] > 0
+    assert set(doc["ratios"]["sdpa_over_window"]) == {"128", "256"}
+    assert set(doc["ratios"]["growth_window"]) == {"256", "512"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ratios_from_rows():
+    rows = [{"impl": "sdpa", "seq_len": 8192, "fwd_bwd_s": 4.0}, {"impl": "sdpa", "seq_len": 16384, "fwd_bwd_s": 16.0},
+            {"impl": "sdpa", "seq_len": 32768, "fwd_bwd_s": 64.0},
+            {"impl": "vq", "seq_len": 8192, "fwd_bwd_s": 1.0}, {"impl": "vq", "seq_len": 16384, "fwd_bwd_s": 2.0},
+            {"impl": "vq", "seq_len": 32768, "fwd_bwd_s": 4.0},
+            {"impl": "performer", "seq_len": 8192, "fwd_bwd_s": 5.0},
+            {"impl": "performer", "seq_len": 16384, "fwd_bwd_s": 10.0}]
+    r = ratios(rows)
+    assert r["sdpa_over_vq"] == {"8192": 4.0, "16384": 8.0, "32768": 16.0}
+    assert r["growth_sdpa"] == {"16384": 4.0, "32768": 4.0} and r["growth_vq"] == {"16384": 2.0, "32768": 2.0}
+    assert r["vq_32k_over_8k"] == 4.0 and r["sdpa_32k_over_8k"] == 16.0
+    assert r["performer_crossover_len"] == 16384
