@@ -121,7 +121,7 @@ def _recompute(model, batch, aux, scale):
     for name in ["primary", *aux]:
         gs = torch.autograd.grad(losses[name], shared, retain_graph=True, allow_unused=True)
         flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(shared, gs)]))
-    return {k: float(v) for k, v in losses.items()}, flat[0], torch.stack(flat[1:])
+    return {k: float(v.detach()) for k, v in losses.items()}, flat[0], torch.stack(flat[1:])
 
 
 @pytest.mark.parametrize("aux", [AUX, AUX[:2]], ids=["all-aux", "encoder-aux"])
