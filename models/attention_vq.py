@@ -202,6 +202,13 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
         a = (q @ cb.transpose(-1, -2)) * scale  # (B, H, T, S)
         a = a.masked_fill(count[:, :, 0, None, :] <= 0, float("-inf"))
         return _combine(a, vsum[:, :, 0].to(q.dtype), count[:, :, 0].to(q.dtype), None, None)
+    if T < L:  # one short block (a KgCLUE question): no padding to L, no previous block to score
+        if bias is not None:
+            c0 = L if causal and prev_block else 0  # the current block's first column
+            if bias.shape[-2:] != (L, L + c0):
+                raise ValueError(f"bias {tuple(bias.shape)}: the explicit window is ({L}, {L + c0}) per head")
+            bias = bias[..., :T, c0:c0 + T]
+        L, prev_block = T, False
     n = max(1, math.ceil(T / L))
     T_pad = n * L
     k_hat = straight_through(k, cb, codes)

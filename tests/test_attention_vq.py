@@ -58,6 +58,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.parametrize("causal,prev_block", [(True, True), (False, True)], ids=["causal", "bidirectional"])
+def test_sequence_shorter_than_a_block_equals_dense(causal: bool, prev_block: bool) -> None:
+    """T < block_len computes one T-long block (no padding to L): still the dense answer, bias sliced."""
+    q, k, v, cb = inputs()
+    big = 32  # > T = 21
+    bias = rand(H, big, 2 * big if causal else big, seed=5)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 15:] = False
+    out = vq_attention(q, k, v, cb, block_len=big, causal=causal, key_mask=mask, bias=bias, prev_block=prev_block)
+    ref = dense(q, k, v, cb, causal=causal, key_mask=mask, bias=bias[:, :, big:] if causal else bias, block_len=big,
+                prev_block=False)
+    assert rel_err(out, ref) < 1e-9
+
+
 @pytest.mark.parametrize("causal,prev_block", [(True, True), (True, False), (False, True)],
                          ids=["causal-two-block-window", "causal-one-block", "bidirectional"])
 def test_block_form_equals_dense(causal: bool, prev_block: bool) -> None:
