@@ -87,19 +87,7 @@ class KgcluePipelineConfig(BaseModel):
     @field_validator("ray_address")
     @classmethod
     def _ray_answers(cls, v: str | None) -> str | None:
-        """host:port or ray://host:port must accept a TCP connection within 0.5 s (no Ray
-        job starts before this passes); None and "auto" are resolved by Ray itself."""
-        if v is None or v.strip() in ("auto", "local"):
-            return v
-        host, port = ray_host_port(v)
-        try:
-            socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
-        except OSError as e:
-            raise ValueError(
-                f"{v!r}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__} within "
-                f"{RAY_CONNECT_TIMEOUT_S} s); start the cluster (infra/README.md), fix the address, or "
-                f"omit ray_address (--ray-address) for a local Ray") from None
-        return v
+        return check_ray_address(v)
 
     @model_validator(mode="after")
     def _batches(self) -> "KgcluePipelineConfig":
@@ -162,3 +150,20 @@ def ray_host_port(address: str) -> tuple[str, int]:
         raise ValueError(f"{address!r}: give host:port (a Ray head's GCS, e.g. 10.0.0.5:6379), "
                          f"ray://host:port (Ray Client, e.g. ray://head:10001), or 'auto'")
     return parts.hostname, port
+
+
+def check_ray_address(v: str | None) -> str | None:
+    """Every flow config's ``ray_address`` validator: host:port or ray://host:port must accept a
+    TCP connection within RAY_CONNECT_TIMEOUT_S (no Ray job starts before this passes); None,
+    "auto" and "local" are resolved by Ray itself."""
+    if v is None or v.strip() in ("auto", "local"):
+        return v
+    host, port = ray_host_port(v)
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ValueError(
+            f"{v!r}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__} within "
+            f"{RAY_CONNECT_TIMEOUT_S} s); start the cluster (infra/README.md), fix the address, or "
+            f"omit ray_address (--ray-address) for a local Ray") from None
+    return v

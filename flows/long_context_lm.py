@@ -35,7 +35,6 @@ import base64
 import json
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict
@@ -58,7 +57,6 @@ FLOW = "long-context-lm"
 MULTIPLES = (1, 2, 4, 8, 16)   # evaluation lengths, in units of the training length N
 CORPUS_SEED = 0                # the train/validation split of documents (not --seed: same text for every run)
 EVAL_SCHEMA = 1
-RAY_CONNECT_TIMEOUT_S = 0.5
 Kind = Literal["softmax", "alibi", "hwfa", "vq", "performer"]
 assert set(Kind.__args__) == set(PATTERNS), "Kind must list models.attention_pattern.PATTERNS"
 
@@ -121,17 +119,8 @@ class LongContextConfig(BaseModel):
     @field_validator("ray_address")
     @classmethod
     def _ray_answers(cls, v: str | None) -> str | None:
-        """host:port or ray://host:port must accept a TCP connection (before any Ray job starts)."""
-        if v is None or v.strip() in ("auto", "local"):
-            return v
-        from flows.kgclue_config import ray_host_port
-        host, port = ray_host_port(v)
-        try:
-            socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
-        except OSError as e:
-            raise ValueError(f"{v!r}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); start "
-                             f"the cluster (infra/README.md), fix the address, or omit --ray-address") from None
-        return v
+        from flows.kgclue_config import check_ray_address
+        return check_ray_address(v)
 
     @model_validator(mode="after")
     def _check(self) -> "LongContextConfig":
