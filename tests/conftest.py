@@ -40,3 +40,15 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+def stdlib_text(n_lines: int) -> str:
+    """The first ``n_lines`` lines of this interpreter's standard-library ``.py`` files, sorted by
+    name: real, offline text for the byte-level LM tests."""
+    import sysconfig
+    lines: list[str] = []
+    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        lines.extend(p.read_text("utf-8", errors="replace").splitlines(keepends=True))
+        if len(lines) >= n_lines:
+            break
+    return "".join(lines[:n_lines])

@@ -5,7 +5,6 @@ import json
 import math
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.long_context_lm import MULTIPLES, LongContextConfig, long_context_lm
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stdlib_text
 
 KINDS = ("softmax", "hwfa")
 
@@ -21,13 +20,8 @@ KINDS = ("softmax", "hwfa")
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory) -> Path:
     """~400 KB of real Python text (the stdlib, sorted): 60 blocks of 200 lines, 5 of them validation."""
-    lines: list[str] = []
-    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        lines.extend(p.read_text("utf-8", errors="replace").splitlines(keepends=True))
-        if len(lines) >= 12_000:
-            break
     path = tmp_path_factory.mktemp("lmcorpus") / "corpus.txt"
-    path.write_text("".join(lines[:12_000]), "utf-8")
+    path.write_text(stdlib_text(12_000), "utf-8")
     return path
 
 

@@ -5,7 +5,6 @@ state moved, and a run killed after a checkpoint resumes to the uninterrupted ru
 (the codebook and projection travel in the checkpoint)."""
 from __future__ import annotations
 
-import sysconfig
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from models.lm import LM, LMConfig
 from tasks.lm_corpus import prepare_corpus
 from tasks.train import TrainSpec, load_trained_model, train
+from tests.conftest import stdlib_text
 
 STEPS, CRASH_AT = 12, 7  # checkpoints at 4, 8, 12: the crash at 7 resumes from step 4
 KINDS = {
@@ -26,13 +26,8 @@ KINDS = {
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """~120 KB of real Python text in blocks of 200 lines (a few held out as validation)."""
-    lines: list[str] = []
-    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        lines.extend(p.read_text("utf-8", errors="replace").splitlines(keepends=True))
-        if len(lines) >= 4_000:
-            break
     root = tmp_path_factory.mktemp("lmtrain")
-    (root / "text.txt").write_text("".join(lines[:4_000]), "utf-8")
+    (root / "text.txt").write_text(stdlib_text(4_000), "utf-8")
     prepare_corpus(root / "corpus", str(root / "text.txt"), val_fraction=0.2)
     return root / "corpus"
 
