@@ -61,30 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import Rotary, register_attention
-
-
-# --------------------------------------------------------------------------- quantisation
-@torch.no_grad()
-def quantise(k: torch.Tensor, codebook: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Nearest code per key: k (B, H, T, D), codebook (H, S, D) -> codes (B, H, T) long."""
-    c = codebook.to(k.dtype)
-    c_sq = (c * c).sum(-1)[:, None, :]  # (H, 1, S)
-    out = []
-    for lo in range(0, k.size(2), chunk):  # bounded (B, H, chunk, S) distance tensor
-        d = c_sq - 2.0 * (k[:, :, lo:lo + chunk] @ c.transpose(-1, -2))  # ‖k‖² dropped
-        out.append(d.argmin(-1))
-    return torch.cat(out, dim=2) if out else torch.zeros(k.shape[:3], dtype=torch.long, device=k.device)
-
-
-def gather_codes(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """codebook (H, S, D), codes (B, H, T) -> code vectors (B, H, T, D)."""
-    heads = torch.arange(codebook.size(0), device=codes.device)[None, :, None]  # (1, H, 1)
-    return codebook[heads, codes]
-
-
-def straight_through(k: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """k̂ = C[z] in value, identity gradient to k."""
-    return k + (gather_codes(codebook.to(k.dtype), codes) - k).detach()
+from models.vq_codebook import (ema_codebook_update, gather_codes, quantise,  # noqa: F401 (re-exported)
+                                restart_dead_codes, straight_through)
 
 
 # --------------------------------------------------------------------------- the block form
@@ -177,7 +155,8 @@ class _BlockAttention(torch.autograd.Function):
 def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: torch.Tensor, *,
                  block_len: int, causal: bool = True, key_mask: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, codes: torch.Tensor | None = None,
-                 grad_thru_cache: bool = True, prev_block: bool = True) -> torch.Tensor:
+                 grad_thru_cache: bool = True, prev_block: bool = True,
+                 rel_key: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q against the quantised keys, scale 1/√D, in time linear in T.
 
     q, k, v (B, H, T, D), any T; codebook (H, S, D). Optional: key_mask (B, T) True = real key;
@@ -186,16 +165,21 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     block n−1 too; keys before the window enter through per-code sums. ``bias`` is added to the
     explicit window's scores: (H, L, 2L) for the causal two-block window (columns: block n−1's
     keys, then block n's), else (H, L, L). Without a bias the result does not depend on the
-    window: it is softmax over all quantised keys. Returns (B, H, T, D).
+    window: it is softmax over all quantised keys. ``rel_key`` (H, 3·block_len − 1, D): the
+    Transformer-XL-style query-dependent position term, r_h(d) for d = i − j from −(L−1) to
+    2L−1 (index d + L − 1): a window score becomes q·(k̂_j + r_h(i − j))/√D (+ bias). Returns
+    (B, H, T, D).
     """
     B, H, T, D = q.shape
     S, L = codebook.size(1), block_len
     scale = D ** -0.5
+    if rel_key is not None and rel_key.shape != (H, 3 * L - 1, D):
+        raise ValueError(f"rel_key {tuple(rel_key.shape)}: expected (H, 3·block_len − 1, D) = ({H}, {3 * L - 1}, {D})")
     cb = codebook.to(q.dtype).detach()
     codes = quantise(k, cb) if codes is None else codes
     w = (torch.ones(B, 1, T, dtype=q.dtype, device=q.device) if key_mask is None
          else key_mask[:, None, :].to(q.dtype))  # (B, 1, T) key weights
-    if not causal and bias is None:  # exp(QCᵀ)(ΔᵀV), normalised: no blocks needed
+    if not causal and bias is None and rel_key is None:  # exp(QCᵀ)(ΔᵀV), normalised: no blocks needed
         vsum, count = code_sums(v, w, codes, 1, S)  # (B, H, 1, S, D), (B, H, 1, S)
         if not grad_thru_cache:
             vsum = vsum.detach()
@@ -209,6 +193,7 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
                 raise ValueError(f"bias {tuple(bias.shape)}: the explicit window is ({L}, {L + c0}) per head")
             bias = bias[..., :T, c0:c0 + T]
         L, prev_block = T, False
+    L_rel = block_len  # rel_key's index origin: d + block_len − 1
     n = max(1, math.ceil(T / L))
     T_pad = n * L
     k_hat = straight_through(k, cb, codes)
@@ -239,6 +224,11 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
             raise ValueError(f"bias {tuple(bias.shape)}: the explicit window is ({L}, {W}) per head "
                              f"({'two blocks, causal' if two else 'one block'})")
         ebias = ebias + bias.to(q.dtype)[None, :, None]  # (1, H, 1, L, W)
+    if rel_key is not None:  # + q·r(i − j): (B, H, n, L, 3L−1) per-offset scores gathered to the window's columns
+        cols = torch.arange(-L, L, device=q.device) if two else torch.arange(L, device=q.device)
+        idx = torch.arange(L, device=q.device)[:, None] - cols[None, :] + L_rel - 1  # (L, W)
+        qr = qp.view(B, H, n, L, D) @ rel_key.to(q.dtype).transpose(-1, -2)[None, :, None]
+        ebias = ebias + qr.gather(-1, idx.expand(B, H, n, L, W))
     keyw = wp.view(B, 1, n, L)  # (B, 1, n, L) key weights per block
     if two:  # block n-1's keys; block 0 has none (weight 0)
         keyw = torch.cat((torch.cat((torch.zeros_like(keyw[:, :, :1]), keyw[:, :, :-1]), 2), keyw), -1)
@@ -307,41 +297,6 @@ class VQCache:
         self.length += 1
 
 
-# --------------------------------------------------------------------------- codebook
-def ema_codebook_update(module: "VQAttention", count: torch.Tensor, ksum: torch.Tensor,
-                        ksq: torch.Tensor, generator: torch.Generator) -> None:
-    """EMA k-means step from one step's all-reduced stats, then dead-code restarts."""
-    g = module.ema_decay
-    module.ema_count.mul_(g).add_(count.to(module.ema_count), alpha=1 - g)
-    module.ema_sum.mul_(g).add_(ksum.to(module.ema_sum), alpha=1 - g)
-    module.ema_sq.mul_(g).add_(ksq.to(module.ema_sq), alpha=1 - g)
-    restart_dead_codes(module, generator)
-    module.codebook.copy_(module.ema_sum / module.ema_count.clamp_min(1e-2)[..., None])
-
-
-def restart_dead_codes(module: "VQAttention", generator: torch.Generator) -> None:
-    """Codes with EMA count < dead_threshold restart near a live code (drawn by count) with that
-    code's spread as noise; every draw comes from ``generator`` (CPU), so ranks agree."""
-    cnt = module.ema_count.float().cpu()  # (H, S)
-    mean = module.ema_sum.float().cpu() / cnt.clamp_min(1e-2)[..., None]  # (H, S, D)
-    var = (module.ema_sq.float().cpu() / cnt.clamp_min(1e-2) - (mean * mean).sum(-1)).clamp_min(0)
-    H, S, D = mean.shape
-    for h in range(H):
-        dead = (cnt[h] < module.dead_threshold).nonzero().flatten()
-        if dead.numel() == 0:
-            continue
-        live = cnt[h].masked_fill(cnt[h] < module.dead_threshold, 0.0)
-        probs = live if live.sum() > 0 else torch.ones(S)
-        parent = torch.multinomial(probs, dead.numel(), replacement=True, generator=generator)
-        noise = torch.randn(dead.numel(), D, generator=generator)
-        spread = (var[h, parent] / D).sqrt() + 1e-2 * mean[h, parent].norm(dim=-1) / D ** 0.5 + 1e-6
-        new = mean[h, parent] + spread[:, None] * noise  # (n_dead, D)
-        dev = module.ema_sum.device
-        module.ema_count[h, dead.to(dev)] = 1.0
-        module.ema_sum[h, dead.to(dev)] = new.to(module.ema_sum)
-        module.ema_sq[h, dead.to(dev)] = ((new * new).sum(-1) + var[h, parent]).to(module.ema_sq)
-
-
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """ALiBi's geometric head slopes 2^(-8h/H), h = 1..H."""
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
@@ -358,12 +313,14 @@ class VQAttention(nn.Module):
                  cross: bool = False, layer: int = 0, n_layer: int = 1, *, codebook_size: int = 512,
                  block_len: int = 512, commit_beta: float = 1e-4, ema_decay: float = 0.99,
                  dead_threshold: float = 0.1, codebook_init: float = 1.0, rel_bias: bool = True,
-                 grad_thru_cache: bool = True, qk_norm: bool = True, prev_block: bool = True, **options):
+                 grad_thru_cache: bool = True, qk_norm: bool = True, prev_block: bool = True,
+                 rel_key: bool = False, dead_fraction: float = 0.0, **options):
         super().__init__()
         if options:
             raise ValueError(f"attention kind 'vq' takes no options {sorted(options)}; it knows "
                              "codebook_size, block_len, commit_beta, ema_decay, dead_threshold, "
-                             "codebook_init, rel_bias, grad_thru_cache, qk_norm, prev_block")
+                             "codebook_init, rel_bias, rel_key, grad_thru_cache, qk_norm, prev_block, "
+                             "dead_fraction")
         if cross:
             raise ValueError("attention kind 'vq' cannot take the cross-attention role "
                              "(set attention_cross='softmax')")
@@ -373,7 +330,10 @@ class VQAttention(nn.Module):
             raise ValueError(f"vq needs codebook_size >= 1 and block_len >= 1, got {codebook_size}, {block_len}")
         H, D, S = n_head, d_model // n_head, codebook_size
         self.n_head, self.head_dim, self.n_code, self.block_len = H, D, S, block_len
+        if not 0.0 <= dead_fraction < 1.0:
+            raise ValueError(f"vq dead_fraction must be in [0, 1), got {dead_fraction}")
         self.commit_beta, self.ema_decay, self.dead_threshold = commit_beta, ema_decay, dead_threshold
+        self.dead_fraction = dead_fraction
         self.grad_thru_cache, self.qk_norm, self.prev_block = grad_thru_cache, qk_norm, prev_block
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
@@ -381,7 +341,10 @@ class VQAttention(nn.Module):
         self.rel_bias = None
         if rel_bias:  # b_h(d), d = i - j in (-L, 2L) (2L: the causal two-block window), index d + L - 1
             dist = torch.arange(-(block_len - 1), 2 * block_len, dtype=torch.float32).abs()
-            self.rel_bias = nn.Parameter(-alibi_slopes(H)[:, None] * dist[None, :])  # (H, 2L-1)
+            self.rel_bias = nn.Parameter(-alibi_slopes(H)[:, None] * dist[None, :])  # (H, 3L-1)
+        # Transformer-XL-style query-dependent position: q·r_h(i - j) on the window's scores (the
+        # official code's relative term; a scalar bias alone cannot depend on what the query asks)
+        self.rel_key = nn.Parameter(torch.zeros(H, 3 * block_len - 1, D)) if rel_key else None
         gen = torch.Generator().manual_seed(0x51AB + layer)  # same initial codebook on every rank
         cb = torch.randn(H, S, D, generator=gen) * codebook_init
         self.register_buffer("codebook", cb)  # (H, S, D)
@@ -439,7 +402,8 @@ class VQAttention(nn.Module):
         else:
             y = vq_attention(q, k, v, self.codebook, block_len=self.block_len, causal=causal,
                              key_mask=key_mask, bias=self.block_bias(causal), codes=codes,
-                             grad_thru_cache=self.grad_thru_cache, prev_block=self.prev_block)
+                             grad_thru_cache=self.grad_thru_cache, prev_block=self.prev_block,
+                             rel_key=self.rel_key)
         self.aux_loss = None
         if self.training:
             w = (torch.ones(B, 1, T, device=x.device) if key_mask is None
@@ -466,6 +430,10 @@ class VQAttention(nn.Module):
             off = L if self.prev_block else 0  # the current block's columns start here
             cols = torch.arange(off - (L if prev else 0), off + i + 1, device=e.device)
             e = e + bias[None, :, i:i + 1, cols].to(e.dtype)
+        if self.rel_key is not None:  # q·r(i - j), j over the window's keys (block-relative -L..i)
+            d = i - torch.arange(-(L if prev else 0), i + 1, device=e.device)  # (window,)
+            r = self.rel_key[:, d + L - 1].to(q.dtype)  # (H, window, D)
+            e = e + (q * scale) @ r.transpose(-1, -2)[None]
         if cache.vsum is None:
             a = e.new_full((*e.shape[:3], 1), float("-inf"))
             vsum, count = v.new_zeros(*v.shape[:2], 1, v.size(-1)), v.new_zeros(*v.shape[:2], 1)

@@ -19,13 +19,14 @@ def rand(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, block_ste=False,
-          prev_block=True):
+          prev_block=True, rel_key=None):
     """O(T²) reference: softmax(q k̂ᵀ/√D [+ window bias]) v with k̂ = C[nearest code].
 
     The explicit window of a query in block n: block n, and block n−1 when causal and
     prev_block; bias (H, L, 2L) (columns: block n−1, block n) or (H, L, L) is added there.
     block_ste: k̂ carries the straight-through gradient only for pairs in the window (what the
-    linear-time form can give); otherwise to every pair.
+    linear-time form can give); otherwise to every pair. rel_key (H, 3L−1, D): window pairs
+    score q_i·(k̂_j + r(i − j)), r indexed by the absolute offset i − j + L − 1.
     """
     n = k.size(2)
     codes = quantise(k, codebook)
@@ -42,6 +43,11 @@ def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, b
         i = torch.arange(n) % block_len
         col = i[None, :] + (block_len * same.long() if two else 0)  # (T, T) the key's bias column
         s = s + torch.where(window, bias[:, i[:, None], col], torch.zeros(()).to(s))
+    if rel_key is not None:
+        t = torch.arange(n)
+        off = (t[:, None] - t[None, :] + block_len - 1).clamp(0, rel_key.size(1) - 1)  # (T, T)
+        qr = torch.einsum("bhid,hijd->bhij", q, rel_key[:, off]) / math.sqrt(q.size(-1))
+        s = s + torch.where(window, qr, torch.zeros(()).to(s))
     if causal:
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     if key_mask is not None:
@@ -55,7 +61,7 @@ def inputs(seed: int = 0, requires_grad: bool = False):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 @pytest.mark.parametrize("causal,prev_block", [(True, True), (False, True)], ids=["causal", "bidirectional"])
@@ -86,6 +92,38 @@ def test_block_form_equals_dense(causal: bool, prev_block: bool) -> None:
     assert rel_err(out, dense(q, k, v, cb, causal=causal, key_mask=mask, bias=bias, prev_block=prev_block)) < 1e-9
     with pytest.raises(ValueError, match="explicit window"):
         vq_attention(q, k, v, cb, block_len=L, causal=causal, bias=rand(H, L, 3 * L, seed=1), prev_block=prev_block)
+
+
+@pytest.mark.parametrize("causal,prev_block", [(True, True), (True, False), (False, True)],
+                         ids=["causal-two-block-window", "causal-one-block", "bidirectional"])
+def test_query_dependent_position_term_equals_dense(causal: bool, prev_block: bool) -> None:
+    """rel_key (Transformer-XL-style q·r(i − j) in the window) with bias and padding: values and
+    gradients (q, k, v, rel_key) equal the dense reference; T < L (one short block) too."""
+    q, k, v, cb = inputs(requires_grad=True)
+    two = causal and prev_block
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 13:] = False
+    g = rand(B, H, T, D, seed=7)
+    for blk in (L, 32):  # 32 > T: the short-block path
+        rk = rand(H, 3 * blk - 1, D, seed=11).requires_grad_(True)
+        bias = rand(H, blk, 2 * blk if two else blk, seed=5)
+        out = vq_attention(q, k, v, cb, block_len=blk, causal=causal, key_mask=mask, bias=bias,
+                           prev_block=prev_block, rel_key=rk)
+        short = blk > T
+        ref = dense(q, k, v, cb, causal=causal, key_mask=mask, block_len=blk, block_ste=True,
+                    bias=bias[:, :, blk:] if short and two else bias, prev_block=prev_block and not short,
+                    rel_key=rk)
+        assert rel_err(out, ref) < 1e-9, blk
+        got = torch.autograd.grad((out * g).sum(), (q, k, v, rk))
+        want = torch.autograd.grad((ref * g).sum(), (q, k, v, rk))
+        for name, a, b in zip("q k v rel_key".split(), got, want):
+            assert rel_err(a, b) < 1e-9, (blk, name)
+        assert got[3].abs().max() > 0
+    no_rel = vq_attention(q, k, v, cb, block_len=L, causal=causal, prev_block=prev_block)
+    assert rel_err(vq_attention(q, k, v, cb, block_len=L, causal=causal, prev_block=prev_block,
+                                rel_key=rand(H, 3 * L - 1, D, seed=11)), no_rel) > 1e-3  # the term matters
+    with pytest.raises(ValueError, match="rel_key"):
+        vq_attention(q, k, v, cb, block_len=L, causal=causal, rel_key=rand(H, 2 * L, D, seed=1))
 
 
 def test_float32_matches_and_large_scores_stay_finite() -> None:
@@ -168,9 +206,13 @@ def test_module_causality_jacobian() -> None:
     assert (per_pair.tril() > 0).sum() == 10 * 11 // 2  # every past input matters
 
 
-@pytest.mark.parametrize("prev_block", [True, False], ids=["two-block-window", "one-block"])
-def test_incremental_decoding_equals_full_with_reorder(prev_block: bool) -> None:
-    attn = layer(prev_block=prev_block).eval()
+@pytest.mark.parametrize("prev_block,rel_key", [(True, False), (False, False), (True, True)],
+                         ids=["two-block-window", "one-block", "two-block-window-rel-key"])
+def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key: bool) -> None:
+    attn = layer(prev_block=prev_block, rel_key=rel_key).eval()
+    if rel_key:
+        with torch.no_grad():
+            attn.rel_key.copy_(rand(*attn.rel_key.shape, seed=12))
     x = rand(3, 11, 16, seed=2)  # 11 tokens: 2 full blocks and a partial one
     perm = torch.tensor([2, 0, 0])
     with torch.no_grad():
@@ -292,3 +334,26 @@ def test_two_ranks_all_reduced_keep_identical_codebooks() -> None:
     torch.testing.assert_close(ranks[0].codebook, single.codebook, atol=1e-6, rtol=0)
     assert (ranks[0].codebook - layer().codebook).abs().max() > 1e-3  # it did move
     assert {"codebook", "ema_count", "ema_sum", "ema_sq"} <= set(ranks[0].state_dict())
+
+
+def test_dead_fraction_restarts_rarely_used_codes() -> None:
+    """A code used, but below dead_fraction of its head's mean use, restarts; without the option
+    only codes under the absolute threshold do."""
+    x = rand(2, 9, 16, seed=8)
+    moved = {}
+    for frac in (0.0, 0.9):
+        attn = layer(ema_decay=0.0, dead_threshold=0.5, dead_fraction=frac).train()
+        attn(x)
+        with torch.no_grad():
+            codes = quantise(attn.qkv(x)[1], attn.codebook)
+        attn.train_step_end(0, torch.Generator().manual_seed(1), identity)
+        cnt = torch.stack([torch.bincount(codes[:, h].flatten(), minlength=6) for h in range(2)]).double()
+        rare = (cnt > 0) & (cnt < frac * cnt.mean(1, keepdim=True))  # used, yet under the fraction
+        means = torch.stack([torch.stack([attn.qkv(x)[1][:, h][codes[:, h] == s].mean(0) if cnt[h, s] > 0
+                                          else torch.zeros(8, dtype=torch.float64) for s in range(6)])
+                             for h in range(2)]).detach()
+        moved[frac] = ~torch.isclose(attn.codebook, means, atol=1e-9).all(-1) & (cnt > 0)  # used codes not at their mean
+        assert torch.equal(moved[frac], rare), frac
+    assert moved[0.9].any() and not moved[0.0].any()
+    with pytest.raises(ValueError, match="dead_fraction"):
+        layer(dead_fraction=1.0)

@@ -1,0 +1,69 @@
+"""Transformer-VQ's codebook (ALGORITHMS.md §8): nearest-code quantisation with the
+straight-through gradient, and the EMA k-means update with rank-shared dead-code restarts.
+
+Pure tensor functions; :class:`models.attention_vq.VQAttention` owns the buffers (``codebook``
+(H, S, D), ``ema_count`` (H, S), ``ema_sum`` (H, S, D), ``ema_sq`` (H, S)) and calls these."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def quantise(k: torch.Tensor, codebook: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Nearest code per key: k (B, H, T, D), codebook (H, S, D) -> codes (B, H, T) long."""
+    c = codebook.to(k.dtype)
+    c_sq = (c * c).sum(-1)[:, None, :]  # (H, 1, S)
+    out = []
+    for lo in range(0, k.size(2), chunk):  # bounded (B, H, chunk, S) distance tensor
+        d = c_sq - 2.0 * (k[:, :, lo:lo + chunk] @ c.transpose(-1, -2))  # ‖k‖² dropped
+        out.append(d.argmin(-1))
+    return torch.cat(out, dim=2) if out else torch.zeros(k.shape[:3], dtype=torch.long, device=k.device)
+
+
+def gather_codes(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """codebook (H, S, D), codes (B, H, T) -> code vectors (B, H, T, D)."""
+    heads = torch.arange(codebook.size(0), device=codes.device)[None, :, None]  # (1, H, 1)
+    return codebook[heads, codes]
+
+
+def straight_through(k: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """k̂ = C[z] in value, identity gradient to k."""
+    return k + (gather_codes(codebook.to(k.dtype), codes) - k).detach()
+
+
+def ema_codebook_update(module, count: torch.Tensor, ksum: torch.Tensor,
+                        ksq: torch.Tensor, generator: torch.Generator) -> None:
+    """EMA k-means step from one step's all-reduced stats, then dead-code restarts."""
+    g = module.ema_decay
+    module.ema_count.mul_(g).add_(count.to(module.ema_count), alpha=1 - g)
+    module.ema_sum.mul_(g).add_(ksum.to(module.ema_sum), alpha=1 - g)
+    module.ema_sq.mul_(g).add_(ksq.to(module.ema_sq), alpha=1 - g)
+    restart_dead_codes(module, generator)
+    module.codebook.copy_(module.ema_sum / module.ema_count.clamp_min(1e-2)[..., None])
+
+
+def restart_dead_codes(module, generator: torch.Generator) -> None:
+    """Codes with EMA count < max(dead_threshold, dead_fraction · the head's mean count) restart
+    near a live code (drawn by count) with that code's spread as noise; every draw comes from
+    ``generator`` (CPU), so ranks agree."""
+    cnt = module.ema_count.float().cpu()  # (H, S)
+    mean = module.ema_sum.float().cpu() / cnt.clamp_min(1e-2)[..., None]  # (H, S, D)
+    var = (module.ema_sq.float().cpu() / cnt.clamp_min(1e-2) - (mean * mean).sum(-1)).clamp_min(0)
+    H, S, D = mean.shape
+    frac = float(getattr(module, "dead_fraction", 0.0))
+    for h in range(H):
+        # dead: below the absolute threshold or below dead_fraction of this head's mean use
+        thr = max(float(module.dead_threshold), frac * float(cnt[h].mean()))
+        dead = (cnt[h] < thr).nonzero().flatten()
+        if dead.numel() == 0:
+            continue
+        live = cnt[h].masked_fill(cnt[h] < thr, 0.0)
+        probs = live if live.sum() > 0 else torch.ones(S)
+        parent = torch.multinomial(probs, dead.numel(), replacement=True, generator=generator)
+        noise = torch.randn(dead.numel(), D, generator=generator)
+        spread = (var[h, parent] / D).sqrt() + 1e-2 * mean[h, parent].norm(dim=-1) / D ** 0.5 + 1e-6
+        new = mean[h, parent] + spread[:, None] * noise  # (n_dead, D)
+        dev = module.ema_sum.device
+        module.ema_count[h, dead.to(dev)] = 1.0
+        module.ema_sum[h, dead.to(dev)] = new.to(module.ema_sum)
+        module.ema_sq[h, dead.to(dev)] = ((new * new).sum(-1) + var[h, parent]).to(module.ema_sq)
