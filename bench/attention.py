@@ -5,7 +5,8 @@
 
 q, k, v are given (no projections): batch 1, 8 heads, head dim 64. The baseline is torch SDPA
 with ``is_causal=True`` (no explicit mask), measured in the same run; vq is
-:func:`models.attention_vq.vq_attention` (S = 512 codes, block_len 512), performer is
+:func:`models.attention_vq.vq_attention` (S = 512 codes, block_len 512; ``vq`` the two-block
+causal window of the default, ``vq1`` one block), performer is
 :func:`models.attention_performer.performer_attention` (m = 256 features), window is
 :func:`models.attention_window.window_attention` (w = 128, blocked, O(T·w)). The
 ``--linear-lengths`` (default 64k) are measured for the linear-time impls only. Every (impl, T)
@@ -59,6 +60,14 @@ def _vq_run(q, k, v, codebook):
     return vq_attention(q, k, v, codebook, block_len=512, causal=True)
 
 
+def _vq1_run(q, k, v, codebook):
+    """vq with a one-block explicit window (prev_block=False): S + L = 1,024 scores per query
+    instead of S + 2L = 1,536; at 8k the FLOP ratio to causal SDPA is then 4.0 (2.7 with two
+    blocks), at 32k 16 (10.7)."""
+    from models.attention_vq import vq_attention
+    return vq_attention(q, k, v, codebook, block_len=512, causal=True, prev_block=False)
+
+
 def _window_run(q, k, v, _):
     from models.attention_window import window_attention
     return window_attention(q, k, v, WINDOW)
@@ -77,11 +86,12 @@ def _performer_run(q, k, v, proj):
 IMPLS: dict[str, Impl] = {
     "sdpa": Impl(lambda device, dtype: None, lambda q, k, v, _: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
     "vq": Impl(_vq_setup, _vq_run),
+    "vq1": Impl(_vq_setup, _vq1_run),
     "performer": Impl(_performer_setup, _performer_run),
     "window": Impl(lambda device, dtype: None, _window_run),
 }
 LINEAR_ONLY_LENGTHS = (65536,)  # measured for the linear-time impls only (SDPA's T x T is the point)
-LINEAR_IMPLS = frozenset({"vq", "performer", "window"})
+LINEAR_IMPLS = frozenset({"vq", "vq1", "performer", "window"})
 
 
 # --------------------------------------------------------------------------- one point
