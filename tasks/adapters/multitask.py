@@ -318,8 +318,11 @@ def make_grad_step(opts: dict, rank: int):
 
 def _trace(trace_dir: str, rank: int, step: int, u, info: dict, parts: dict, aux: list[str]) -> None:
     """Append this rank's step record to ``trace_dir/rank{rank}.jsonl``."""
+    import torch
     Path(trace_dir).mkdir(parents=True, exist_ok=True)
     rec = {"step": step, "rank": rank, "pid": os.getpid(), "direction_sha256": direction_digest(u),
+           "direction_sha256_signless_zero": direction_digest(u + 0.0),  # -0.0 + 0.0 = +0.0
+           "negative_zeros": int(((u == 0) & torch.signbit(u)).sum()),
            "norm": float(u.double().norm()), "lam": [float(x) for x in info["lam"]],
            "dots": {a: float(d) for a, d in zip(aux, info["dots"])}, **parts}
     with open(Path(trace_dir) / f"rank{rank}.jsonl", "a") as f:
