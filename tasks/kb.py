@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from models.trie import Utf8Table
+from models.seq_table import Utf8Table
 from tasks.kgclue_data import Bad, all_lines_bad, file_problem, normalize_object, split_subject
 from tasks.storage import atomic_path, read_manifest, reusable, sha256_file, write_manifest
 

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from models.trie import codepoints
+from models.seq_table import codepoints
 from models.vocab import CharVocab
 from tasks.kb import read_distinct, utf8_table
 from tasks.storage import atomic_write_text, read_manifest, reusable, write_manifest
