@@ -66,26 +66,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import Rotary, register_attention
-from models.vq_codebook import (ema_codebook_update, gather_codes, quantise,  # noqa: F401 (re-exported)
-                                restart_dead_codes, straight_through)
+from models.vq_cache import VQCache
+from models.vq_codebook import code_sums, ema_codebook_update, gather_codes, quantise, straight_through
 
 
 # --------------------------------------------------------------------------- the block form
-def code_sums(v: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, n_block: int, n_code: int,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block, per-code sums of w·v and of w: v (B, H, T, D), w (B, 1|H, T), codes (B, H, T),
-    T = n_block·L -> (B, H, n_block, S, D), (B, H, n_block, S), in float32 at least."""
-    B, H, T, D = v.shape
-    L = T // n_block
-    blk = torch.arange(T, device=v.device) // L  # (T,)
-    rows = torch.arange(B * H, device=v.device)[:, None] * n_block + blk[None, :]  # (B·H, T)
-    idx = (rows * n_code + codes.reshape(B * H, T)).reshape(-1)  # one cell per (b, h, block, code)
-    acc = torch.promote_types(v.dtype, torch.float32)  # half-precision sums lose counts past 256
-    w = w.expand(B, H, T).to(acc)
-    vw = (v.to(acc) * w[..., None]).reshape(-1, D)
-    sums = vw.new_zeros(B * H * n_block * n_code, D).index_add(0, idx, vw)
-    counts = vw.new_zeros(B * H * n_block * n_code).index_add(0, idx, w.reshape(-1))
-    return sums.view(B, H, n_block, n_code, D), counts.view(B, H, n_block, n_code)
+def window_offsets(L: int, two_block: bool, device=None) -> torch.Tensor:
+    """i − j for every (query, key) cell of the explicit window, (L, W): queries i = 0..L−1 of a
+    block, keys j block-relative, −L..L−1 (the previous block, then this one) with the two-block
+    window, else 0..L−1. Both position terms (``bias``, ``rel_key``) are indexed by it."""
+    pos = torch.arange(L, device=device)
+    cols = torch.arange(-L, L, device=device) if two_block else pos
+    return pos[:, None] - cols[None, :]
 
 
 def _pad_time(x: torch.Tensor, T_pad: int, dim: int = 2) -> torch.Tensor:
@@ -170,16 +162,17 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     block n−1 too; keys before the window enter through per-code sums. ``bias`` is added to the
     explicit window's scores: (H, L, 2L) for the causal two-block window (columns: block n−1's
     keys, then block n's), else (H, L, L). Without a bias the result does not depend on the
-    window: it is softmax over all quantised keys. ``rel_key`` (H, 3·block_len − 1, D): the
-    Transformer-XL-style query-dependent position term, r_h(d) for d = i − j from −(L−1) to
-    2L−1 (index d + L − 1): a window score becomes q·(k̂_j + r_h(i − j))/√D (+ bias). Returns
+    window: it is softmax over all quantised keys. ``rel_key`` (H, 3·block_len − 1, D): a
+    query-dependent relative key term (Shaw et al.), r_h(d) for d = i − j from −(L−1) to 2L−1
+    (index d + L − 1): a window score becomes q·(k̂_j + r_h(i − j))/√D (+ bias). Returns
     (B, H, T, D).
     """
     B, H, T, D = q.shape
     S, L = codebook.size(1), block_len
     scale = D ** -0.5
     if rel_key is not None and rel_key.shape != (H, 3 * L - 1, D):
-        raise ValueError(f"rel_key {tuple(rel_key.shape)}: expected (H, 3·block_len − 1, D) = ({H}, {3 * L - 1}, {D})")
+        raise ValueError(f"rel_key {tuple(rel_key.shape)}: expected (H, 3·block_len − 1, D) "
+                         f"= ({H}, {3 * L - 1}, {D})")
     cb = codebook.to(q.dtype).detach()
     codes = quantise(k, cb) if codes is None else codes
     w = (torch.ones(B, 1, T, dtype=q.dtype, device=q.device) if key_mask is None
@@ -230,8 +223,7 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
                              f"({'two blocks, causal' if two else 'one block'})")
         ebias = ebias + bias.to(q.dtype)[None, :, None]  # (1, H, 1, L, W)
     if rel_key is not None:  # + q·r(i − j): (B, H, n, L, 3L−1) per-offset scores gathered to the window's columns
-        cols = torch.arange(-L, L, device=q.device) if two else torch.arange(L, device=q.device)
-        idx = torch.arange(L, device=q.device)[:, None] - cols[None, :] + L_rel - 1  # (L, W)
+        idx = window_offsets(L, two, q.device) + L_rel - 1  # (L, W)
         qr = qp.view(B, H, n, L, D) @ rel_key.to(q.dtype).transpose(-1, -2)[None, :, None]
         ebias = ebias + qr.gather(-1, idx.expand(B, H, n, L, W))
     keyw = wp.view(B, 1, n, L)  # (B, 1, n, L) key weights per block
@@ -244,62 +236,6 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
         kb, vb = (torch.cat((torch.cat((torch.zeros_like(x[:, :, :1]), x[:, :, :-1]), 2), x), 3) for x in (kb, vb))
     out = _BlockAttention.apply(qb, cb, logc, mean_v, kb, vb, ebias)  # (B, H, n, L, D)
     return out.reshape(B, H, T_pad, D)[:, :, :T]
-
-
-# --------------------------------------------------------------------------- decoding cache
-class VQCache:
-    """Incremental state of one vq layer, one row per beam: per-code value sums and counts of
-    the blocks before the explicit window (N, H, S, D) + (N, H, S), and the window's quantised
-    keys/values: the previous block (with the two-block window) and the current one. O(S·D + L·D)
-    per head, whatever the length."""
-
-    def __init__(self) -> None:
-        self.vsum: torch.Tensor | None = None  # (N, H, S, D)
-        self.count: torch.Tensor | None = None  # (N, H, S)
-        self.k: torch.Tensor | None = None  # (N, H, l, D) quantised keys of the current block
-        self.v: torch.Tensor | None = None  # (N, H, l, D)
-        self.codes: torch.Tensor | None = None  # (N, H, l)
-        self.k_prev: torch.Tensor | None = None  # (N, H, L, D) the previous block (two-block window)
-        self.v_prev: torch.Tensor | None = None
-        self.codes_prev: torch.Tensor | None = None
-        self.length = 0
-
-    def index_select(self, idx: torch.Tensor) -> "VQCache":
-        """A cache whose row i is this cache's row idx[i]."""
-        out = VQCache()
-        out.length = self.length
-        for name in ("vsum", "count", "k", "v", "codes", "k_prev", "v_prev", "codes_prev"):
-            t = getattr(self, name)
-            setattr(out, name, None if t is None else t.index_select(0, idx))
-        return out
-
-    def _add_to_sums(self, v: torch.Tensor, codes: torch.Tensor, n_code: int) -> None:
-        N, H, l, D = v.shape
-        vsum, count = code_sums(v, torch.ones(N, 1, l, dtype=v.dtype, device=v.device), codes, 1, n_code)
-        vsum, count = vsum[:, :, 0], count[:, :, 0]
-        self.vsum = vsum if self.vsum is None else self.vsum + vsum
-        self.count = count if self.count is None else self.count + count
-
-    def fold(self, n_code: int, prev_block: bool = True) -> None:
-        """The (full) current block leaves the window's last place: with ``prev_block`` it becomes
-        the previous block and the old previous block moves into the per-code sums; without,
-        the current block moves into the sums."""
-        if prev_block:
-            if self.v_prev is not None:
-                self._add_to_sums(self.v_prev, self.codes_prev, n_code)
-            self.k_prev, self.v_prev, self.codes_prev = self.k, self.v, self.codes
-        else:
-            self._add_to_sums(self.v, self.codes, n_code)
-        self.k = self.v = self.codes = None
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, codes: torch.Tensor) -> None:
-        """Add one step's (N, H, 1, D) key/value and (N, H, 1) code to the current block."""
-        if self.k is None:
-            self.k, self.v, self.codes = k, v, codes
-        else:
-            self.k, self.v = torch.cat((self.k, k), 2), torch.cat((self.v, v), 2)
-            self.codes = torch.cat((self.codes, codes), 2)
-        self.length += 1
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -347,8 +283,8 @@ class VQAttention(nn.Module):
         if rel_bias:  # b_h(d), d = i - j in (-L, 2L) (2L: the causal two-block window), index d + L - 1
             dist = torch.arange(-(block_len - 1), 2 * block_len, dtype=torch.float32).abs()
             self.rel_bias = nn.Parameter(-alibi_slopes(H)[:, None] * dist[None, :])  # (H, 3L-1)
-        # Transformer-XL-style query-dependent position: q·r_h(i - j) on the window's scores (the
-        # official code's relative term; a scalar bias alone cannot depend on what the query asks)
+        # query-dependent relative keys: q·r_h(i - j) on the window's scores (the official code has
+        # Transformer-XL's form of this term; a scalar bias cannot depend on what the query asks)
         self.rel_key = nn.Parameter(torch.zeros(H, 3 * block_len - 1, D)) if rel_key else None
         gen = torch.Generator().manual_seed(0x51AB + layer)  # same initial codebook on every rank
         cb = torch.randn(H, S, D, generator=gen) * codebook_init
@@ -384,11 +320,7 @@ class VQAttention(nn.Module):
         if self.rel_bias is None:
             return None
         L = self.block_len
-        pos = torch.arange(L, device=self.rel_bias.device)
-        if causal and self.prev_block:
-            cols = torch.arange(-L, L, device=self.rel_bias.device)  # key position relative to the block start
-            return self.rel_bias[:, pos[:, None] - cols[None, :] + L - 1]
-        return self.rel_bias[:, pos[:, None] - pos[None, :] + L - 1]
+        return self.rel_bias[:, window_offsets(L, causal and self.prev_block, self.rel_bias.device) + L - 1]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 causal: bool = False, key_mask: torch.Tensor | None = None,

@@ -1,5 +1,6 @@
 """Transformer-VQ's codebook (ALGORITHMS.md §8): nearest-code quantisation with the
-straight-through gradient, and the EMA k-means update with rank-shared dead-code restarts.
+straight-through gradient, per-code sums of values (what earlier blocks contribute), and the
+EMA k-means update with rank-shared dead-code restarts.
 
 Pure tensor functions; :class:`models.attention_vq.VQAttention` owns the buffers (``codebook``
 (H, S, D), ``ema_count`` (H, S), ``ema_sum`` (H, S, D), ``ema_sq`` (H, S)) and calls these."""
@@ -31,6 +32,23 @@ def straight_through(k: torch.Tensor, codebook: torch.Tensor, codes: torch.Tenso
     return k + (gather_codes(codebook.to(k.dtype), codes) - k).detach()
 
 
+def code_sums(v: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, n_block: int, n_code: int,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block, per-code sums of w·v and of w: v (B, H, T, D), w (B, 1|H, T), codes (B, H, T),
+    T = n_block·L -> (B, H, n_block, S, D), (B, H, n_block, S), in float32 at least."""
+    B, H, T, D = v.shape
+    L = T // n_block
+    blk = torch.arange(T, device=v.device) // L  # (T,)
+    rows = torch.arange(B * H, device=v.device)[:, None] * n_block + blk[None, :]  # (B·H, T)
+    idx = (rows * n_code + codes.reshape(B * H, T)).reshape(-1)  # one cell per (b, h, block, code)
+    acc = torch.promote_types(v.dtype, torch.float32)  # half-precision sums lose counts past 256
+    w = w.expand(B, H, T).to(acc)
+    vw = (v.to(acc) * w[..., None]).reshape(-1, D)
+    sums = vw.new_zeros(B * H * n_block * n_code, D).index_add(0, idx, vw)
+    counts = vw.new_zeros(B * H * n_block * n_code).index_add(0, idx, w.reshape(-1))
+    return sums.view(B, H, n_block, n_code, D), counts.view(B, H, n_block, n_code)
+
+
 def ema_codebook_update(module, count: torch.Tensor, ksum: torch.Tensor,
                         ksq: torch.Tensor, generator: torch.Generator) -> None:
     """EMA k-means step from one step's all-reduced stats, then dead-code restarts."""
@@ -50,7 +68,7 @@ def restart_dead_codes(module, generator: torch.Generator) -> None:
     mean = module.ema_sum.float().cpu() / cnt.clamp_min(1e-2)[..., None]  # (H, S, D)
     var = (module.ema_sq.float().cpu() / cnt.clamp_min(1e-2) - (mean * mean).sum(-1)).clamp_min(0)
     H, S, D = mean.shape
-    frac = float(getattr(module, "dead_fraction", 0.0))
+    frac = float(module.dead_fraction)
     for h in range(H):
         # dead: below the absolute threshold or below dead_fraction of this head's mean use
         thr = max(float(module.dead_threshold), frac * float(cnt[h].mean()))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models.attention_performer import (PerformerAttention, PerformerCache, favor_features, key_features,
                                         orthogonal_gaussian, performer_attention)
-from models.attention_vq import quantise
+from models.vq_codebook import quantise
 
 
 def rand(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attention_vq import VQAttention, VQCache, gather_codes, quantise, straight_through, vq_attention
+from models.attention_vq import VQAttention, vq_attention
+from models.vq_cache import VQCache
+from models.vq_codebook import gather_codes, quantise, straight_through
 
 B, H, T, D, S, L = 2, 3, 21, 8, 5, 4  # T is not a multiple of L
 

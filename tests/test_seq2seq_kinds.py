@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from models.attention import KVCache
 from models.attention_performer import PerformerAttention, PerformerCache
-from models.attention_vq import VQAttention, VQCache
+from models.attention_vq import VQAttention
+from models.vq_cache import VQCache
 from models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch
 from models.vocab import BOS, EOS
 
