@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tasks.ray_runtime import ensure_ray  # noqa: F401  (re-exported: tasks.train.ensure_ray)
+from tasks.replicas import replica_hashes
 
 from tasks.model_dir import (MODEL_CONFIG, MODEL_FILE, load_trained_model, ranker_dir,  # noqa: F401 (re-exported)
                              trained_ranker_dirs, warm_start_weights)
@@ -343,33 +344,6 @@ def _checkpoint(engine, spec: TrainSpec, part, model, rank: int, done: int, loss
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def state_sha256(module) -> str:
-    """One hash of a module's whole state (parameters and buffers: codebooks, projections), in
-    key order, by exact bytes."""
-    import torch
-    h = hashlib.sha256()
-    for k, t in module.state_dict().items():
-        h.update(k.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def replica_hashes(module) -> list[str]:
-    """Every rank's :func:`state_sha256`, in rank order (a collective: all ranks call it). Data
-    parallelism promises identical replicas after each step; this is the check. ZeRO-3 shards the
-    parameters, so there is no replica to hash: []."""
-    import torch.distributed as dist
-    if module is None:
-        return []
-    mine = state_sha256(module)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [mine]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return out
-
-
-# --------------------------------------------------------------------------- driver
 def _progress_actor():
     import ray
 
