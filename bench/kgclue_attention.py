@@ -25,12 +25,19 @@ from bench import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("softmax", "vq", "performer")
+# named variants: (kind, its options); ``vq-relkey`` is the long-context LM's base vq
+# (query-dependent relative keys and fractional dead-code restarts, models/attention_vq.py)
+VARIANTS = {"vq-relkey": ("vq", {"rel_key": True, "dead_fraction": 0.01})}
 
 
-def run_one(kind: str, seed: int, args: argparse.Namespace) -> dict:
-    out = args.work / f"{kind}-s{seed}"
+def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
+    """One tiny pipeline run of attention ``name`` (a kind, or a variant of :data:`VARIANTS`)."""
+    kind, options = VARIANTS.get(name, (name, {}))
+    out = args.work / f"{name}-s{seed}"
     cmd = [sys.executable, "-m", "flows.kgclue", "--preset", "tiny", "--attention", kind, "--seed", str(seed),
            "--no-rerank", "--out", str(out)]
+    if options:
+        cmd += ["--attention-options", json.dumps(options)]
     if args.data_dir:
         cmd += ["--data-dir", str(args.data_dir)]
     if args.steps:
@@ -40,11 +47,12 @@ def run_one(kind: str, seed: int, args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["failed"])[-1][:400]
-        return {"attention": kind, "seed": seed, "error": tail, "wall_s": round(wall, 1)}
+        return {"attention": name, "seed": seed, "error": tail, "wall_s": round(wall, 1)}
     m = json.loads((out / "metrics.json").read_text("utf-8"))
-    if m.get("attention") != kind:
-        raise SystemExit(f"{out}: metrics say attention {m.get('attention')!r}, expected {kind!r}")
-    return {"attention": kind, "seed": seed, "score": m["score"], "em_o": m["em_o"], "f1_o": m["f1_o"],
+    if m.get("attention") != kind or m.get("attention_options", {}) != options:
+        raise SystemExit(f"{out}: metrics say attention {m.get('attention')!r} with {m.get('attention_options')}, "
+                         f"expected {kind!r} with {options}")
+    return {"attention": name, "kind": kind, "options": options, "seed": seed, "score": m["score"], "em_o": m["em_o"], "f1_o": m["f1_o"],
             "eval_set": m.get("eval_set"), "train_steps": m.get("train_steps"),
             "train_tokens_per_s": m.get("train_tokens_per_s"), "final_loss": m.get("final_loss"),
             "run_name": m.get("run_name"), "wall_s": round(wall, 1), "out": str(out)}
@@ -69,13 +77,16 @@ def summarise(rows: list[dict], kinds: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, help="KgCLUE datasets/ folder (default: the flow's generated sample)")
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {list(KINDS) + list(VARIANTS)}")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, help="generator steps (default: the tiny preset's)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-kgclue-attention")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
+    unknown = [k for k in kinds if k not in KINDS and k not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--kinds {unknown}: unknown; choose from {list(KINDS) + list(VARIANTS)}")
     if "softmax" not in kinds:
         raise SystemExit("--kinds must include softmax: it is the baseline measured in the same run")
     seeds = [int(s) for s in args.seeds.split(",") if s]

@@ -73,6 +73,8 @@ def _train_spec(cfg: KgcluePipelineConfig, vocab_dir: str) -> dict:
     model = dict(MODEL_PRESETS[p["model"]])
     if cfg.attention != "softmax":
         model["attention"] = cfg.attention
+    if cfg.attention_options:
+        model["attention_options"] = {cfg.attention: dict(cfg.attention_options)}
     spec = TrainSpec(task="seq2seq", data_dir=str((cfg.out / "data").resolve()),
                      vocab_dir=str(Path(vocab_dir).resolve()), data={"holdout": cfg.holdout()},
                      model=model, steps=p["steps"], micro_batch=p["micro_batch"],
@@ -298,6 +300,7 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
     metrics.update({
         "eval_set": name, "kb_protocol": "official" if config.kb else config.kb_protocol, "preset": config.preset,
         "attention": (model_m.get("spec") or {}).get("model", {}).get("attention", "softmax"),
+        "attention_options": (model_m.get("spec") or {}).get("model", {}).get("attention_options", {}),
         "train_tokens_per_s": model_m.get("tokens_per_s"), "train_steps": model_m.get("steps"),
         "final_loss": model_m.get("final_loss"), "run_name": model_m.get("run_name"),
         "decode_questions_per_s": m_eval["questions_per_s"], "beam": config.beam, "lookahead": lookahead,
@@ -338,6 +341,16 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
     return metrics
 
 
+def _json_object(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at column {e.colno}): {text!r}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"rel_key\": true}}', got {text!r}")
+    return v
+
+
 def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
     ap = argparse.ArgumentParser(prog="python -m flows.kgclue", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -353,6 +366,8 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument("--attention", choices=("softmax", "vq", "performer"), default="softmax",
                     help="self-attention kind of the generator")
+    ap.add_argument("--attention-options", type=_json_object, default={},
+                    help='that kind\'s options as JSON, e.g. \'{"rel_key": true, "dead_fraction": 0.01}\' for vq')
     ap.add_argument("--cpu-precision", choices=("auto", "on", "off"), default="auto",
                     help="re-ranker bf16 autocast on CPU (auto: only with native bf16)")
     ap.add_argument("--val-frac", type=float, default=0.1,
@@ -376,7 +391,8 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
     return KgcluePipelineConfig(preset=a.preset, out=a.out, data_dir=a.data_dir, kb=a.kb, kb_protocol=a.kb_protocol,
                                 eval_file=a.eval_file, from_run=a.from_run, ray_address=a.ray_address,
                                 num_workers=a.num_workers, zero_stage=a.zero_stage, use_gpu=a.use_gpu,
-                                attention=a.attention, cpu_precision=a.cpu_precision, val_frac=a.val_frac,
+                                attention=a.attention, attention_options=a.attention_options,
+                                cpu_precision=a.cpu_precision, val_frac=a.val_frac,
                                 steps=a.steps, micro_batch=a.micro_batch, global_batch=a.global_batch,
                                 beam=a.beam, lookahead=not a.no_lookahead, lookahead_rule=a.lookahead_rule,
                                 rerank=not a.no_rerank,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,6 +48,9 @@ class KgcluePipelineConfig(BaseModel):
     use_gpu: bool = False
     attention: Literal["softmax", "vq", "performer"] = Field(
         "softmax", description="self-attention kind of the generator's encoder and decoder")
+    attention_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "options of that kind (models/attention_vq.py, models/attention_performer.py), e.g. "
+        "{\"rel_key\": true} for vq; they enter the model's spec, so the run name"))
     cpu_precision: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 autocast for the re-ranker on CPU workers: auto = only where the CPU "
                             "has native bf16 (AVX512-BF16/AMX); elsewhere fp32")
@@ -83,6 +86,22 @@ class KgcluePipelineConfig(BaseModel):
         if v is not None and not (v / "model" / "manifest.json").is_file():
             raise ValueError(f"{v}: not a finished kgclue-pipeline run (no model/manifest.json)")
         return v
+
+    @model_validator(mode="after")
+    def _attention_options(self) -> "KgcluePipelineConfig":
+        """Options are checked by building the kind once at a toy size, so a typo is refused
+        before Ray starts, in the kind's own words."""
+        if not self.attention_options:
+            return self
+        if self.attention == "softmax":
+            raise ValueError(f"attention_options {self.attention_options} given, but attention 'softmax' takes "
+                             "none; add --attention vq|performer")
+        from models.attention import make_attention
+        try:
+            make_attention(self.attention, d_model=8, n_head=2, **self.attention_options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"attention_options for {self.attention!r}: {e}") from None
+        return self
 
     @field_validator("ray_address")
     @classmethod

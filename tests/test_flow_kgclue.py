@@ -167,3 +167,22 @@ def test_finetune_multitask_stage_warm_starts_and_the_validation_slice_decides(p
     tuned = json.loads((out / "model-multitask" / "manifest.json").read_text())
     assert tuned["spec"]["task"] == "multitask" and tuned["spec"]["warm_start"].endswith("model")
     assert tuned["spec"]["zero_stage"] == 0
+
+
+def test_attention_options_reach_the_spec_and_bad_ones_are_refused_before_ray(tmp_path):
+    from flows.kgclue import _train_spec, parse_args
+    cfg = parse_args(["--attention", "vq", "--attention-options", '{"rel_key": true, "dead_fraction": 0.01}',
+                      "--out", str(tmp_path / "r")])
+    spec = _train_spec(cfg, str(tmp_path / "vocab"))
+    assert spec["model"]["attention"] == "vq"
+    assert spec["model"]["attention_options"] == {"vq": {"rel_key": True, "dead_fraction": 0.01}}
+    plain = _train_spec(parse_args(["--attention", "vq", "--out", str(tmp_path / "r")]), str(tmp_path / "vocab"))
+    assert "attention_options" not in plain["model"]  # options change the model, so the run name
+    with pytest.raises(ValidationError, match="rel_kee"):  # a typo, in the kind's own words
+        KgcluePipelineConfig(attention="vq", attention_options={"rel_kee": True})
+    with pytest.raises(ValidationError, match="dead_fraction"):
+        KgcluePipelineConfig(attention="vq", attention_options={"dead_fraction": 2.0})
+    with pytest.raises(ValidationError, match="softmax"):
+        KgcluePipelineConfig(attention="softmax", attention_options={"rel_key": True})
+    with pytest.raises(SystemExit):  # not JSON: argparse's own error
+        parse_args(["--attention", "vq", "--attention-options", "{rel_key: true}"])
