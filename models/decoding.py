@@ -24,6 +24,7 @@ import torch
 
 from models.lcs import lcs_row as lcs_prefix_row  # row[i] = LCS(prefix, question[:i])
 from models.lcs import lcs_rows
+from models.seq_table import find_sorted
 from models.trie import KgTrie
 from models.vocab import BOS, EOS, PAD, SEP
 
@@ -431,7 +432,7 @@ def sequence_logprobs(model: torch.nn.Module, src_ids: Sequence[int], keys: Sequ
     for i, (k, path) in enumerate(zip(keys, picks)):
         for t, (node, tok) in enumerate(path):
             a = node_allowed[node]
-            j = int(np.searchsorted(a, tok))
+            j = find_sorted(a, tok)
             if j >= a.size or a[j] != tok:
                 raise DecodingError(f"key {list(k)} leaves the trie at position {t}")
             totals[i] += norm[starts[node] + j]

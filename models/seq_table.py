@@ -9,6 +9,20 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 
+def find_sorted(a: np.ndarray, x: int, side: str = "left") -> int:
+    """``np.searchsorted(a, x, side)`` for one scalar, with ``x`` cast to ``a``'s dtype first.
+
+    A Python int (or int64) against an int32 array makes numpy cast the *whole* array to a common
+    type before the binary search: a full copy per call (28 ms on 15M offsets instead of 4 µs;
+    the full-KB re-ranker spent 90% of its time there). Offsets of this module are int32 when
+    they fit (:func:`compact_offsets`), so every scalar lookup goes through here."""
+    if a.dtype.kind in "iu":
+        info = np.iinfo(a.dtype)
+        if not info.min <= x <= info.max:  # outside the dtype: before or after every element
+            return 0 if x < info.min else len(a)
+    return int(np.searchsorted(a, a.dtype.type(x), side=side))
+
+
 def compact_offsets(offsets: np.ndarray) -> np.ndarray:
     """int32 offsets when they fit (halves the per-key cost), else int64."""
     return offsets.astype(np.int32) if offsets[-1] < np.iinfo(np.int32).max else offsets

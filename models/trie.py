@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from models.seq_table import (Utf8Table, build_bfs_trie, codepoints, common_prefix, compact_offsets, csr_from_groups,
-                              is_sorted_unique, sort_table, with_terminator)
+                              find_sorted, is_sorted_unique, sort_table, with_terminator)
 from models.vocab import BOS, EOS, SEP, CharVocab
 
 FORMAT_VERSION = 1
@@ -208,7 +208,7 @@ class KgTrie:
         if state.phase == _PHASE_S:
             a, b = self._children(state.node)
             labels = self.s_label[a:b]
-            j = int(np.searchsorted(labels, token))
+            j = find_sorted(labels, token)
             if j >= len(labels) or int(labels[j]) != token:
                 raise ImpossibleState(f"token {token} not allowed after subject node {state.node}")
             child = a + j
@@ -257,8 +257,8 @@ class KgTrie:
         """(subject id, predicate id, disambiguation id) of a key."""
         if not 0 <= key_id < self.n_keys:
             raise IndexError(f"key id {key_id} outside 0..{self.n_keys - 1}")
-        e = int(np.searchsorted(self.spm_offsets, key_id, side="right")) - 1
-        s = int(np.searchsorted(self.sp_offsets, e, side="right")) - 1
+        e = find_sorted(self.spm_offsets, key_id, side="right") - 1
+        s = find_sorted(self.sp_offsets, e, side="right") - 1
         return s, int(self.sp_pred[e]), int(self.spm_m[key_id])
 
     def _seq(self, which: str, i: int) -> np.ndarray:
@@ -311,7 +311,7 @@ class KgTrie:
         return out
 
     def _parent(self, node: int) -> int:
-        return int(np.searchsorted(self.s_first_child, node, side="right")) - 1
+        return find_sorted(self.s_first_child, node, side="right") - 1
 
     def entity_count(self) -> int:
         """Distinct (subject, disambiguation) pairs, i.e. KB entities."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.seq_table import (Utf8Table, build_bfs_trie, codepoints, common_prefix, is_sorted_unique, sort_table,
-                              with_terminator)
+from models.seq_table import (Utf8Table, build_bfs_trie, codepoints, common_prefix, find_sorted, is_sorted_unique,
+                              sort_table, with_terminator)
 
 
 def table(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -56,3 +56,33 @@ def test_sort_dedupe_lcp_and_trie_match_python() -> None:
 
     walk(0, [])
     assert sorted(paths) == want and len(paths) == len(want)
+
+
+def test_find_sorted_equals_bisect_for_every_dtype_and_out_of_range_value():
+    import bisect
+    rng = np.random.default_rng(0)
+    for dtype in (np.int32, np.int64, np.uint16, np.uint32):
+        a = np.sort(rng.integers(0, 60_000, 500)).astype(dtype)
+        ref = a.tolist()
+        for x in [-5, 0, 1, 59_999, 70_000, 2**40, *rng.integers(0, 60_000, 200).tolist()]:
+            assert find_sorted(a, x) == bisect.bisect_left(ref, x), (dtype, x)
+            assert find_sorted(a, np.int64(x), side="right") == bisect.bisect_right(ref, x), (dtype, x)
+
+
+def test_find_sorted_does_not_copy_the_array():
+    """numpy casts an int32 array whole to search for a Python int: 8 MB per call here."""
+    import tracemalloc
+    a = np.arange(1_000_000, dtype=np.int32)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        j = find_sorted(a, 123_456, side="right")
+        ours = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        np.searchsorted(a, 123_456, side="right")  # what it replaces
+        plain = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert j == 123_457
+    assert ours < 64 << 10, f"find_sorted allocated {ours} bytes"
+    assert plain > a.nbytes  # the check can see a copy: numpy's own call makes one

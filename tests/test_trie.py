@@ -156,3 +156,30 @@ def test_build_save_mmap_load_and_lookup(tmp_path):
     mtime = (tmp_path / "trie" / "s_label.npy").stat().st_mtime_ns
     build_trie_index(tmp_path / "kb", tmp_path / "vocab", tmp_path / "trie", log=lambda *_: None)
     assert (tmp_path / "trie" / "s_label.npy").stat().st_mtime_ns == mtime, "same inputs: not rebuilt"
+
+
+def test_key_lookups_on_a_large_trie_do_not_copy_its_offsets():
+    """key_parts / key_tokens / advance search int32 offsets for one scalar; a Python int used to
+    make numpy cast the whole array first (28 ms per key at the official KB's size)."""
+    import tracemalloc
+    vocab = CharVocab.build("abcdefghij")
+    letters = "abcdefghij"
+    triples = [(letters[i % 10] + letters[(i // 10) % 10] + letters[(i // 100) % 10] + letters[i // 1000 % 10],
+                letters[j % 10] + letters[j // 10], "") for i in range(10_000) for j in range(20)]
+    trie = KgTrie.from_triples(triples, vocab)
+    assert trie.spm_offsets.dtype == np.int32 and len(trie) == 200_000
+    keys = [0, 77_777, 199_999]
+    tokens = [trie.key_tokens(k) for k in keys]  # warm
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        for k, toks in zip(keys, tokens):
+            s, p, m = trie.key_parts(k)
+            assert np.array_equal(trie.key_tokens(k), toks)
+            state = trie.start()
+            for t in toks:
+                state = trie.advance(state, int(t))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < trie.spm_offsets.nbytes // 4, f"{peak} bytes for three key lookups"
