@@ -59,6 +59,25 @@ def qps(fn, batches, n: int, repeat: int) -> dict[str, float]:
     return {"median": round(statistics.median(rates), 1), "best": round(max(rates), 1)}
 
 
+def pool_stats(model, trie, rr, qs: list[list[int]], args) -> dict:
+    """Keys the generator scores per question before the re-ranker sees its best
+    ``max_candidates`` (hub subjects have thousands): the cost of pruning by score."""
+    import numpy as np
+
+    from tasks.evaluate import candidate_keys
+    sizes = []
+    for i in range(0, len(qs), args.batch):
+        b = make_batch(qs[i:i + args.batch])
+        for hs in constrained_beam_search(model, trie, b["src_ids"], b["src_mask"], beam_size=args.beam,
+                                          max_len=args.max_len, lookahead=True):
+            sizes.append(len(candidate_keys(trie, hs, rr.n_subjects, rr.max_scored)) if hs else 0)
+    a = np.asarray(sizes)
+    return {"mean": round(float(a.mean()), 1), "median": float(np.median(a)), "p99": float(np.percentile(a, 99)),
+            "max": int(a.max()), "questions_over_max_candidates": int((a > rr.max_candidates).sum()),
+            "max_candidates": rr.max_candidates, "max_scored": rr.max_scored,
+            "questions_at_max_scored": int((a >= rr.max_scored).sum())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -103,7 +122,8 @@ def main() -> None:
         model = Seq2Seq(Seq2SeqConfig.preset(args.preset, len(vocab))).eval()
         qs = [vocab.encode(r["question"])[:args.max_src_len] for r in load("dev")[: args.n_questions]]
     batches = [make_batch(qs[i:i + args.batch]) for i in range(0, len(qs), args.batch)]
-    out = {"bench": "decode-throughput", "model": str(args.run / "model") if args.run else f"untrained {args.preset}", "params": model.n_params(),
+    from tasks.hw import cpu_label
+    out = {"bench": "decode-throughput", "cpu": cpu_label(), "kb_run": str(args.kb_run) if args.kb_run else None, "model": str(args.run / "model") if args.run else f"untrained {args.preset}", "params": model.n_params(),
            "vocab": len(vocab), "keys": len(trie), "threads": args.threads, "batch": args.batch,
            "beam": args.beam, "questions": len(qs), "max_src_len": args.max_src_len}
     L = args.max_len
@@ -133,6 +153,7 @@ def main() -> None:
         out["predict-lookahead-qps"] = qps(plain, chunks, len(texts), 1)
         out["predict-reranked-qps"] = qps(ranked, chunks, len(texts), 1)
         out["rankers"] = len(rankers)
+        out["rerank_pool"] = pool_stats(model, trie, rr, qs, args)
         out["reranked_qps"] = out["predict-reranked-qps"]["median"]
     emit(out, args.json)
 
