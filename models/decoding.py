@@ -380,10 +380,9 @@ def sequence_logprobs(model: torch.nn.Module, src_ids: Sequence[int], keys: Sequ
     tgt[:, 0] = BOS
     for i, k in enumerate(keys):
         tgt[i, 1:len(k) + 1] = torch.as_tensor(np.asarray(k, dtype=np.int64))
-    out = model.decode(memory.expand(n, -1, -1), mask.expand(n, -1), tgt[:, :-1], src.expand(n, -1))
-    logp = torch.log_softmax(out.float(), dim=-1)  # (n, T, V)
     if trie is None:
-        lp = logp.gather(2, tgt[:, 1:, None])[..., 0]
+        out = model.decode(memory.expand(n, -1, -1), mask.expand(n, -1), tgt[:, :-1], src.expand(n, -1))
+        lp = torch.log_softmax(out.float(), dim=-1).gather(2, tgt[:, 1:, None])[..., 0]
         return (lp * (tgt[:, 1:] != PAD)).sum(1).double().numpy()
     # Walk the keys as a trie of prefixes: the decoder is causal, so keys sharing a prefix share
     # the distribution after it; each distinct prefix ("node") is normalised once, in one gather.
@@ -423,7 +422,16 @@ def sequence_logprobs(model: torch.nn.Module, src_ids: Sequence[int], keys: Sequ
     flat_tok = np.concatenate(node_allowed).astype(np.int64)
     flat_row = np.repeat(np.asarray(node_row), sizes)
     flat_pos = np.repeat(np.asarray(node_pos), sizes)
-    v = logp[torch.from_numpy(flat_row), torch.from_numpy(flat_pos), torch.from_numpy(flat_tok)].double().numpy()
+    T = width - 1
+    if hasattr(model, "decode_at"):  # the distribution at each distinct prefix only: (nodes, V)
+        cells = torch.from_numpy(np.asarray(node_row, dtype=np.int64) * T + np.asarray(node_pos, dtype=np.int64))
+        at = model.decode_at(memory, mask, tgt[:, :-1], cells, src)
+        flat_node = torch.from_numpy(np.repeat(np.arange(len(node_row)), sizes))
+        v = at[flat_node, torch.from_numpy(flat_tok)].double().numpy()
+    else:  # any decoder with the teacher-forced interface: every position of every key
+        out = model.decode(memory.expand(n, -1, -1), mask.expand(n, -1), tgt[:, :-1], src.expand(n, -1))
+        logp = torch.log_softmax(out.float(), dim=-1)  # (n, T, V)
+        v = logp[torch.from_numpy(flat_row), torch.from_numpy(flat_pos), torch.from_numpy(flat_tok)].double().numpy()
     v = v / np.concatenate(node_w)
     mx = np.maximum.reduceat(v, starts)
     lse = mx + np.log(np.add.reduceat(np.exp(v - np.repeat(mx, sizes)), starts))

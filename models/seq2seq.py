@@ -269,6 +269,32 @@ class Seq2Seq(nn.Module):
         return ce + aux, {"ce": float(ce.detach()), "aux": float(aux.detach())}
 
     @torch.no_grad()
+    def decode_at(self, memory: torch.Tensor, src_mask: torch.Tensor, tgt_in_ids: torch.Tensor,
+                  cells: torch.Tensor, src_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced log-probs (U, V) float32 at ``cells`` only: flat indices b·T + t into
+        tgt_in_ids (B, T). Equals ``log_softmax(decode(...)).view(B·T, V)[cells]`` without any
+        (B, T, V) tensor: the re-ranker's generator pass over a hub subject's thousands of keys
+        needs the distribution at each distinct trie prefix, not at every position of every key.
+        memory (1, S, C) with src_mask / src_ids (1, S): one source shared by all B rows (the
+        vocabulary head and copy keys are computed once); or (B, S, C) per row."""
+        B, T = tgt_in_ids.shape
+        x = self.drop(self.tok_emb(tgt_in_ids))
+        mem, mask = memory.expand(B, -1, -1), src_mask.expand(B, -1)
+        for block in self.decoder:
+            x = block(x, mem, mask)
+        h = self.ln_dec(x).reshape(B * T, -1)[cells]  # (U, C)
+        if not self.cfg.copy_head:
+            return F.log_softmax(self.lm_head(h).float(), dim=-1)
+        if src_ids is None:
+            raise ValueError("the copy head needs src_ids")
+        if memory.size(0) == 1:
+            out = self._mix(h[None], self.copy_k(memory), src_ids[:1], src_mask[:1])[0]
+        else:
+            rows = cells // T
+            out = self._mix(h[:, None], self.copy_k(memory)[rows], src_ids[rows], src_mask[rows])[:, 0]
+        return F.log_softmax(out, dim=-1)  # the mixture is normalised already; as decode's callers do
+
+    @torch.no_grad()
     def decode_step(self, memory: torch.Tensor, src_mask: torch.Tensor, last_tokens: torch.Tensor,
                     cache: DecoderCache | None = None, src_ids: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, DecoderCache]:

@@ -82,10 +82,10 @@ def random_kb(seed: int, n: int = 80) -> list[tuple[str, str, str]]:
     return sorted({(rng.choice(subjects), word(1, 3), rng.choice(["", "", word(1, 3)])) for _ in range(n)})
 
 
-def tiny_model(vocab_size: int, seed: int = 0) -> Seq2Seq:
+def tiny_model(vocab_size: int, seed: int = 0, copy_head: bool = False) -> Seq2Seq:
     torch.manual_seed(seed)
     return Seq2Seq(Seq2SeqConfig(vocab_size=vocab_size, d_model=64, n_head=4, n_layer_enc=1,
-                                 n_layer_dec=2, d_ff=128, max_len=32)).eval()
+                                 n_layer_dec=2, d_ff=128, max_len=32, copy_head=copy_head)).eval()
 
 
 def random_questions(vocab: CharVocab, n: int, seed: int) -> dict[str, torch.Tensor]:

@@ -107,10 +107,10 @@ def test_group_size_must_divide() -> None:
         make_ranker_batch(toy_groups(vocab, random.Random(0), 2, g=3), 4)
 
 
-@pytest.mark.parametrize("lookahead", [False, True, "reference"])
-def test_exhaustive_scores_equal_the_beam_search_scores(lookahead) -> None:
+@pytest.mark.parametrize("lookahead,copy_head", [(False, False), (True, False), ("reference", False), (True, True)])
+def test_exhaustive_scores_equal_the_beam_search_scores(lookahead, copy_head) -> None:
     vocab, trie = build(random_kb(3, n=14) + LOOKAHEAD_TRIPLES, extra="主要讲什么课程")
-    model, batch = tiny_model(len(vocab), seed=4), random_questions(vocab, 5, seed=5)
+    model, batch = tiny_model(len(vocab), seed=4, copy_head=copy_head), random_questions(vocab, 5, seed=5)
     res = constrained_beam_search(model, trie, batch["src_ids"], batch["src_mask"], beam_size=4,
                                   lookahead=lookahead)
     for i, hyps in enumerate(res):

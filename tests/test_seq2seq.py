@@ -67,6 +67,28 @@ def test_incremental_equals_full_forward(copy_head: bool) -> None:
 
 
 @pytest.mark.parametrize("copy_head", [False, True])
+def test_decode_at_equals_the_full_pass_at_those_cells(copy_head: bool) -> None:
+    """decode_at gives the same distributions as log_softmax(decode) at the cells asked for, with
+    one source shared by every row (memory (1, S, C)) and with a source per row."""
+    model, batch = small_model(copy_head=copy_head), random_batch(B=4)
+    tgt_in = batch["tgt_ids"][:, :-1]
+    B, T = tgt_in.shape
+    cells = torch.tensor([0, 3, T + 1, 2 * T + 4, 4 * T - 1, 3])  # repeats and any order
+    with torch.no_grad():
+        memory = model.encode(batch["src_ids"], batch["src_mask"])
+        full = F.log_softmax(model.decode(memory, batch["src_mask"], tgt_in, batch["src_ids"]), dim=-1)
+        got = model.decode_at(memory, batch["src_mask"], tgt_in, cells, batch["src_ids"])
+        torch.testing.assert_close(got, full.reshape(B * T, -1)[cells], atol=1e-5, rtol=0)
+        one = slice(1, 2)  # question 1 against every row's target
+        mem1, mask1, src1 = memory[one], batch["src_mask"][one], batch["src_ids"][one]
+        full1 = F.log_softmax(model.decode(mem1.expand(B, -1, -1), mask1.expand(B, -1), tgt_in,
+                                           src1.expand(B, -1)), dim=-1)
+        got1 = model.decode_at(mem1, mask1, tgt_in, cells, src1)
+        torch.testing.assert_close(got1, full1.reshape(B * T, -1)[cells], atol=1e-5, rtol=0)
+        assert not torch.allclose(got1, got, atol=1e-3)  # the shared source is not question 0's
+
+
+@pytest.mark.parametrize("copy_head", [False, True])
 def test_grouped_beams_and_reorder_equal_full_forward(copy_head: bool) -> None:
     """K beam rows per question share one memory row; index_select reorders them mid-way."""
     model, batch = small_model(copy_head=copy_head), random_batch(B=2)
