@@ -49,7 +49,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
         tail = (proc.stderr.strip().splitlines() or ["failed"])[-1][:400]
         return {"attention": name, "seed": seed, "error": tail, "wall_s": round(wall, 1)}
     m = json.loads((out / "metrics.json").read_text("utf-8"))
-    if m.get("attention") != kind or m.get("attention_options", {}) != options:
+    if m.get("attention") != kind or (m.get("attention_options") or {}).get(kind, {}) != options:
         raise SystemExit(f"{out}: metrics say attention {m.get('attention')!r} with {m.get('attention_options')}, "
                          f"expected {kind!r} with {options}")
     return {"attention": name, "kind": kind, "options": options, "seed": seed, "score": m["score"], "em_o": m["em_o"], "f1_o": m["f1_o"],
