@@ -52,7 +52,7 @@ def finetune(run: Path, work: Path, method: str, seed: int, a) -> dict:
     """One fine-tune through tasks.train.train; returns its checkpoint and per-step trace."""
     from tasks.train import TrainSpec, train
     start = start_model_spec(run)
-    trace = work / "trace" / f"{method}-s{seed}"
+    trace = (work / "trace" / f"{method}-s{seed}").resolve()  # workers run elsewhere: absolute
     if trace.exists():  # a re-run resumes the Ray run; its trace restarts
         for f in trace.glob("*.jsonl"):
             f.unlink()

@@ -78,6 +78,8 @@ def test_other_bad_specs_are_refused(prepared, tmp_path):
         _spec(prepared, tmp_path, data={"aux": ["subject_tags", "ner"]})
     with pytest.raises(ValueError, match="weights"):
         _spec(prepared, tmp_path, data={"method": "weighted_sum", "weights": [1.0]})
+    with pytest.raises(ValueError, match="trace_dir .* relative"):  # workers would write it in their own cwd
+        _spec(prepared, tmp_path, data={"trace_dir": "runs/x/trace"})
     assert _spec(prepared, tmp_path).zero_stage == 0
 
 

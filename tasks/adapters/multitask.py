@@ -88,6 +88,10 @@ def _options(data: dict) -> dict:
         weights = [float(data.get("aux_weight", 1.0))] * len(aux)
     if len(weights) != len(aux):
         raise ValueError(f"multitask weights {weights}: one per auxiliary task {aux}")
+    trace_dir = data.get("trace_dir") or ""
+    if trace_dir and not Path(trace_dir).is_absolute():
+        raise ValueError(f"multitask trace_dir {trace_dir!r} is relative: Ray Train workers run in their own "
+                         f"working directory, so the trace would land there; give an absolute path")
     return {"method": method, "aux": aux, "weights": [float(w) for w in weights],
             "input_grad_scale": float(data.get("input_grad_scale", 1.0)), "n_neg": int(data.get("n_neg", 3)),
             "trace_dir": data.get("trace_dir") or "", "holdout": data.get("holdout")}
