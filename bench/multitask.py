@@ -111,22 +111,34 @@ def _mean5(v: list[float], first: bool) -> float:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """Primary-loss curves (mean over seeds) per method."""
+    """Primary-loss curves (mean over seeds) per method, as a 10-step running mean, and below
+    them each method's difference from primary_only step for step (the batches are the same)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    proto = results[0]["protocol"]
+    mean: dict[str, np.ndarray] = {}
     for method in METHODS:
-        curves = [r["primary_loss_curve"] for r in results if r["method"] == method and r["protocol"] == results[0]["protocol"]]
+        curves = [r["primary_loss_curve"] for r in results if r["method"] == method and r["protocol"] == proto]
         curves = [c for c in curves if c]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        ax.plot(np.arange(n), np.mean([c[:n] for c in curves], 0), label=method)
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("primary (seq2seq) loss, mean over ranks and seeds")
-    ax.set_title("Multi-task fine-tuning from one trained generator")
+        if curves:
+            n = min(len(c) for c in curves)
+            mean[method] = np.mean([c[:n] for c in curves], 0)
+    fig, (ax, dx) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 2))
+    w = 10
+    for method, c in mean.items():
+        color = f"C{METHODS.index(method)}"  # the same colour in both panels
+        if len(c) >= w:
+            ax.plot(np.arange(w - 1, len(c)), np.convolve(c, np.ones(w) / w, "valid"), label=method, color=color)
+        if "primary_only" in mean and method != "primary_only":
+            n = min(len(c), len(mean["primary_only"]))
+            dx.plot(np.arange(n), c[:n] - mean["primary_only"][:n], label=method, lw=1, color=color)
+    ax.set_ylabel(f"primary loss ({w}-step mean)")
+    ax.set_title("Multi-task fine-tuning from one trained generator (mean over ranks and seeds)")
     ax.legend(fontsize=8)
+    dx.axhline(0.0, color="k", lw=0.5)
+    dx.set_ylabel("minus primary_only")
+    dx.set_xlabel("fine-tuning step")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
