@@ -420,18 +420,16 @@ def sequence_logprobs(model: torch.nn.Module, src_ids: Sequence[int], keys: Sequ
     sizes = np.fromiter((a.size for a in node_allowed), dtype=np.int64, count=len(node_allowed))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     flat_tok = np.concatenate(node_allowed).astype(np.int64)
-    flat_row = np.repeat(np.asarray(node_row), sizes)
-    flat_pos = np.repeat(np.asarray(node_pos), sizes)
-    T = width - 1
+    rows, pos = np.asarray(node_row, dtype=np.int64), np.asarray(node_pos, dtype=np.int64)
     if hasattr(model, "decode_at"):  # the distribution at each distinct prefix only: (nodes, V)
-        cells = torch.from_numpy(np.asarray(node_row, dtype=np.int64) * T + np.asarray(node_pos, dtype=np.int64))
-        at = model.decode_at(memory, mask, tgt[:, :-1], cells, src)
-        flat_node = torch.from_numpy(np.repeat(np.arange(len(node_row)), sizes))
+        at = model.decode_at(memory, mask, tgt[:, :-1], torch.from_numpy(rows * (width - 1) + pos), src)
+        flat_node = torch.from_numpy(np.repeat(np.arange(len(rows)), sizes))
         v = at[flat_node, torch.from_numpy(flat_tok)].double().numpy()
-    else:  # any decoder with the teacher-forced interface: every position of every key
+    else:  # any decoder with the teacher-forced interface (bench.decode_at's baseline): every position
         out = model.decode(memory.expand(n, -1, -1), mask.expand(n, -1), tgt[:, :-1], src.expand(n, -1))
         logp = torch.log_softmax(out.float(), dim=-1)  # (n, T, V)
-        v = logp[torch.from_numpy(flat_row), torch.from_numpy(flat_pos), torch.from_numpy(flat_tok)].double().numpy()
+        v = logp[torch.from_numpy(np.repeat(rows, sizes)), torch.from_numpy(np.repeat(pos, sizes)),
+                 torch.from_numpy(flat_tok)].double().numpy()
     v = v / np.concatenate(node_w)
     mx = np.maximum.reduceat(v, starts)
     lse = mx + np.log(np.add.reduceat(np.exp(v - np.repeat(mx, sizes)), starts))

@@ -94,7 +94,7 @@ def _options(data: dict) -> dict:
                          f"working directory, so the trace would land there; give an absolute path")
     return {"method": method, "aux": aux, "weights": [float(w) for w in weights],
             "input_grad_scale": float(data.get("input_grad_scale", 1.0)), "n_neg": int(data.get("n_neg", 3)),
-            "trace_dir": data.get("trace_dir") or "", "holdout": data.get("holdout")}
+            "trace_dir": trace_dir, "holdout": data.get("holdout")}
 
 
 def check_spec(spec) -> None:
