@@ -107,22 +107,7 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
     if (done := reusable(model_out, run_name=name)) is not None:
         logger.info("train-%s: %s already trained (%s); not recomputed", spec.task, name, model_out)
         return done
-    key = "train-progress" if spec.task == "seq2seq" else f"train-{spec.task}-progress"
-    pid = reporting.progress(key, 0.0, f"{name}: starting Ray Train ({spec.num_workers} workers)")
-
-    def on_progress(p: dict) -> None:
-        if p.get("event") == "validation":
-            logger.info("train-%s: validation at step %s: %s", spec.task, p["step"],
-                        {k: round(v, 4) for k, v in p.items() if isinstance(v, float)})
-            return
-        extra = "".join(f" · {k} {v:.4f}" for k, v in p.items()
-                        if k not in ("step", "steps", "loss", "tokens_per_s", "lr", "eta_s") and isinstance(v, float))
-        desc = (f"step {p['step']}/{p['steps']} · loss {p['loss']:.4f}{extra} · {p['tokens_per_s']:,.0f} tokens/s · "
-                f"ETA {p['eta_s']:.0f}s")
-        logger.info("train-%s: %s", spec.task, desc)
-        reporting.update_progress(pid, 100.0 * p["step"] / p["steps"], desc)
-
-    res = train(spec, storage, ray_address, max_failures, on_progress=on_progress)
+    res = train(spec, storage, ray_address, max_failures, on_progress=prefect_progress(spec))
     out = Path(model_out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest is written
@@ -137,6 +122,28 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
     reporting.table("train-history" if spec.task == "seq2seq" else f"train-{spec.task}-history", [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
                                       for h in res.history], f"Training of {name}: loss and tokens/s per 5 steps")
     return manifest
+
+
+def prefect_progress(spec):
+    """The trainer's ``on_progress`` in a Prefect run: a log line per item and a progress
+    artifact (``train-progress``, or ``train-TASK-progress``) that shows step, loss and ETA."""
+    logger = get_run_logger()
+    key = "train-progress" if spec.task == "seq2seq" else f"train-{spec.task}-progress"
+    pid = reporting.progress(key, 0.0, f"{spec.run_name()}: starting Ray Train ({spec.num_workers} workers)")
+
+    def on_progress(p: dict) -> None:
+        if p.get("event") == "validation":
+            logger.info("train-%s: validation at step %s: %s", spec.task, p["step"],
+                        {k: round(v, 4) for k, v in p.items() if isinstance(v, float)})
+            return
+        extra = "".join(f" · {k} {v:.4f}" for k, v in p.items()
+                        if k not in ("step", "steps", "loss", "tokens_per_s", "lr", "eta_s") and isinstance(v, float))
+        desc = (f"step {p['step']}/{p['steps']} · loss {p['loss']:.4f}{extra} · {p['tokens_per_s']:,.0f} tokens/s · "
+                f"ETA {p['eta_s']:.0f}s")
+        logger.info("train-%s: %s", spec.task, desc)
+        reporting.update_progress(pid, 100.0 * p["step"] / p["steps"], desc)
+
+    return on_progress
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

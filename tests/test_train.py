@@ -33,15 +33,21 @@ def _weights(ckpt_dir):
 
 def test_two_workers_loss_goes_down_and_resume_after_failure_is_exact(ray_local, prepared, tmp_path):
     spec = _spec(prepared)
-    plain = train(spec, str(tmp_path / "plain"))
+    latest: list[dict] = []
+    # one progress call per poll (the newest item); a poll longer than the run: the last item only
+    plain = train(spec, str(tmp_path / "plain"), on_progress=latest.append, poll_s=60.0)
     losses = [h["loss"] for h in plain.history]
     assert [h["step"] for h in plain.history] == [5, 10, 15, 20, 25, 30]
+    assert latest and latest[-1] == plain.history[-1] and len(latest) < len(plain.history), latest
     assert losses[-1] < losses[0] - 0.5, losses
     assert plain.tokens_per_s > 0
 
     marker = tmp_path / "failed-once"
-    crashed = train(replace(spec, fail_at_step=15, fail_marker=str(marker)), str(tmp_path / "crash"), max_failures=1)
+    every: list[dict] = []
+    crashed = train(replace(spec, fail_at_step=15, fail_marker=str(marker)), str(tmp_path / "crash"), max_failures=1,
+                    on_progress=every.append, progress="every")
     assert marker.exists(), "the injected failure happened"
+    assert every == crashed.history  # progress="every": each pushed item, in order
     steps = [h["step"] for h in crashed.history]
     # attempt 1 reports 5, 10, 15 and dies at step 15; attempt 2 resumes from checkpoint 10, not 0
     assert steps == [5, 10, 15, 15, 20, 25, 30], steps
