@@ -132,6 +132,9 @@ def prefect_progress(spec):
     pid = reporting.progress(key, 0.0, f"{spec.run_name()}: starting Ray Train ({spec.num_workers} workers)")
 
     def on_progress(p: dict) -> None:
+        if p.get("event") == "resume":
+            logger.info("train-%s: resumed from the checkpoint at step %d", spec.task, p["step"])
+            return
         if p.get("event") == "validation":
             logger.info("train-%s: validation at step %s: %s", spec.task, p["step"],
                         {k: round(v, 4) for k, v in p.items() if isinstance(v, float)})

@@ -939,8 +939,11 @@ def test_flow_killed_during_training_resumes_from_its_checkpoint(server, tmp_pat
         assert steps2 and steps2[-1] == 120
         first_step = steps2[0]
         assert first_step > 5, f"the second run started from step 0: {steps2}"
-        resumed_from = first_step - 5  # progress is reported every 5 steps; checkpoints every 20
-        assert resumed_from % 20 == 0 and 20 <= resumed_from <= killed_at + 20, steps2
+        # the trainer logs its resume point (progress lines are one per poll, not every 5 steps)
+        resumed = [int(m.group(1)) for m in re.finditer(r"resumed from the checkpoint at step (\d+)", text2)]
+        assert len(resumed) == 1, text2[-5000:]
+        resumed_from = resumed[0]  # checkpoints every 20 steps
+        assert resumed_from % 20 == 0 and 20 <= resumed_from <= killed_at + 60 and first_step > resumed_from, steps2  # the log lags by <= one poll
         assert {w: (out / w).stat().st_mtime_ns for w in watched} == mtimes, "an upstream stage was recomputed"
         model = json.loads((out / "model" / "manifest.json").read_text("utf-8"))
         assert model["steps"] == 120

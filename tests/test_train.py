@@ -47,7 +47,9 @@ def test_two_workers_loss_goes_down_and_resume_after_failure_is_exact(ray_local,
     crashed = train(replace(spec, fail_at_step=15, fail_marker=str(marker)), str(tmp_path / "crash"), max_failures=1,
                     on_progress=every.append, progress="every")
     assert marker.exists(), "the injected failure happened"
-    assert every == crashed.history  # progress="every": each pushed item, in order
+    # progress="every": each pushed item, in order, and the restart's resume point (checkpoint 10)
+    assert [e for e in every if "event" not in e] == crashed.history
+    assert [e for e in every if "event" in e] == [{"event": "resume", "step": 10}]
     steps = [h["step"] for h in crashed.history]
     # attempt 1 reports 5, 10, 15 and dies at step 15; attempt 2 resumes from checkpoint 10, not 0
     assert steps == [5, 10, 15, 15, 20, 25, 30], steps
