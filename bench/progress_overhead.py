@@ -38,14 +38,11 @@ def _counted(inner, calls: list[int]):
 def measure(data: Path, out: Path, steps: int) -> dict:
     import ray
 
-    from flows.vae_density import VaeDensityConfig, prepare, train_spec
+    from bench.vae_mnist import base_spec
     from tasks.hw import cpu_label
     from tasks.steps import prefect_progress
-    from tasks.train import TrainSpec, train
-    cfg = VaeDensityConfig(preset="base", data=data, samples=1, steps=steps, out=out)
-    prepare(cfg)
-    d = train_spec(cfg)
-    spec = TrainSpec(**{**d, "splits": tuple(d["splits"]), "val_every": 1_000, "checkpoint_every": steps})
+    from tasks.train import train
+    spec = base_spec(data, out, 1, steps)
     rows = {}
     for mode in MODES:
         storage = out / f"ray-{mode}"
@@ -60,8 +57,8 @@ def measure(data: Path, out: Path, steps: int) -> dict:
     floor = rows["none"]["train_wall_s"]
     for r in rows.values():
         r["wall_over_none"] = round(r["train_wall_s"] / floor, 3)
-    return {"bench": "progress_overhead", "cpu": cpu_label(), "steps": steps, "model": d["model"],
-            "micro_batch": d["micro_batch"], "num_workers": d["num_workers"], "modes": rows,
+    return {"bench": "progress_overhead", "cpu": cpu_label(), "steps": steps, "model": spec.model,
+            "micro_batch": spec.micro_batch, "num_workers": spec.num_workers, "modes": rows,
             "note": "one run per mode, in the order every, latest, none, in one Prefect flow run (one embedded "
                     "Prefect server); wall = the trainer's own (Ray Train start-up included)"}
 

@@ -66,19 +66,26 @@ def summary(m: dict) -> dict:
 PROBE_STEPS = (1_000, 3_000)
 
 
+def base_spec(data: Path, out: Path, samples: int, steps: int):
+    """The flow's ``base`` TrainSpec for M = ``samples`` and ``steps`` (its data prepared in
+    ``out``), validating every 1,000 steps as the real run does, one checkpoint at the end."""
+    from flows.vae_density import VaeDensityConfig, prepare, train_spec
+    from tasks.train import TrainSpec
+    cfg = VaeDensityConfig(preset="base", data=data, samples=samples, steps=steps, out=out)
+    prepare(cfg)
+    d = train_spec(cfg)
+    return TrainSpec(**{**d, "splits": tuple(d["splits"]), "val_every": 1_000, "checkpoint_every": steps})
+
+
 def probe_cost(data: Path, out: Path, samples: int) -> dict:
     """Per-step and fixed cost of training the ``base`` model with M = ``samples`` here: two short
     runs of the real trainer (same spec as the flow's, validation every 1,000 steps), in ``out``."""
     import ray
 
-    from flows.vae_density import VaeDensityConfig, prepare, train_spec
-    from tasks.train import TrainSpec, train
+    from tasks.train import train
     walls = {}
     for steps in PROBE_STEPS:
-        cfg = VaeDensityConfig(preset="base", data=data, samples=samples, steps=steps, out=out)
-        prepare(cfg)
-        d = train_spec(cfg)
-        spec = TrainSpec(**{**d, "splits": tuple(d["splits"]), "val_every": 1_000, "checkpoint_every": steps})
+        spec = base_spec(data, out, samples, steps)
         print(f"probe: M={samples}, {steps} steps", flush=True)
         walls[steps] = train(spec, str((out / "ray").resolve())).wall_s
     ray.shutdown()

@@ -35,6 +35,7 @@ import numpy as np
 
 from tasks.ray_runtime import ensure_ray  # noqa: F401  (re-exported: tasks.train.ensure_ray)
 from tasks.replicas import replica_hashes
+from tasks.train_progress import ProgressRouter, progress_actor
 
 from tasks.model_dir import (MODEL_CONFIG, MODEL_FILE, load_trained_model, ranker_dir,  # noqa: F401 (re-exported)
                              trained_ranker_dirs, warm_start_weights)
@@ -346,24 +347,6 @@ def _checkpoint(engine, spec: TrainSpec, part, model, rank: int, done: int, loss
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _progress_actor():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class ProgressSink:
-        def __init__(self):
-            self.items: list[dict] = []
-
-        def push(self, item: dict) -> None:
-            self.items.append(item)
-
-        def drain(self) -> list[dict]:
-            out, self.items = self.items, []
-            return out
-
-    return ProgressSink.remote()
-
-
 @dataclass
 class TrainResult:
     run_name: str
@@ -387,13 +370,12 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
     when a worker group restarts from its checkpoint at step N) and, per poll of ``poll_s``, the newest step
     item (``progress="latest"``) or every step item the workers pushed (``"every"``: one per
     5 steps, which costs a fast training on a small machine ~20% through Prefect logging)."""
-    if progress not in ("latest", "every"):
-        raise ValueError(f"progress={progress!r}: use 'latest' or 'every'")
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    router = ProgressRouter(on_progress, progress)  # refuses a bad mode before Ray starts
     ensure_ray(ray_address)
-    sink = _progress_actor()
+    sink = progress_actor()
     cpus = max(1, (os.cpu_count() or 2) // spec.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -418,32 +400,9 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
     t0 = time.perf_counter()
     th = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     th.start()
-    history: list[dict] = []
-    placements: list[dict] = []
-    validations: list[dict] = []
     while True:
         alive = th.is_alive()
-        latest = None
-        for item in ray.get(sink.drain.remote()):
-            if item.get("event") == "worker-start":
-                placements.append(item)
-                continue
-            if item.get("event") in ("validation", "resume"):
-                if item["event"] == "validation":
-                    validations.append(item)
-                if on_progress:
-                    on_progress(item)
-                continue
-            history.append(item)
-            latest = item
-            if on_progress and progress == "every":
-                on_progress(item)
-        # one progress call per poll (the newest step), not one per pushed item: the workers
-        # push every 5 steps, and a Prefect log line + progress-artifact update per item cost
-        # the driver and the Prefect server ~20% of a 2-core machine during a fast training
-        # (bench/results/progress-overhead.json); the history keeps every item
-        if on_progress and progress == "latest" and latest is not None:
-            on_progress(latest)
+        router.route(ray.get(sink.drain.remote()))
         if not alive:
             break
         th.join(poll_s)
@@ -452,9 +411,10 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
     result = box["result"]
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run_name()} finished without a checkpoint")
+    history = router.history
     rates = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
     return TrainResult(spec.run_name(), result.checkpoint.path,
                        int(result.metrics.get("step", spec.steps)) if result.metrics else spec.steps,
                        float(result.metrics.get("loss", float("nan"))) if result.metrics else float("nan"),
                        float(np.median(rates)) if rates else 0.0, time.perf_counter() - t0, history,
-                       placements, validations, list((result.metrics or {}).get("replica_sha256") or []))
+                       router.placements, router.validations, list((result.metrics or {}).get("replica_sha256") or []))
