@@ -3,7 +3,7 @@ of the same size, trained one after the other on this machine, and the same-run 
 
     python -m bench.vae_mnist --json bench/results/vae-mnist.json
         [--data ../shared/data/binarized-mnist/binarized_mnist.npz] [--out runs/vae-mnist]
-        [--vae-steps 78000] [--iwae-steps 60000] [--budget-min 28]
+        [--vae-steps 78000] [--iwae-steps 60000] [--budget-min 29 [--max-steps 200000]]
 
 Each model is one ``python -m flows.vae_density --preset base`` run (Ray Train + DeepSpeed, K up
 to 5,000 on the 10,000 test images); the flows' own ``metrics.json`` are read back. Equal wall
@@ -16,12 +16,12 @@ below VAE" is not an artefact of a shorter VAE run). Goals (issue): IWAE below V
 models), so a re-run only reads back; the training walls are each model's own (its manifest), and
 ``trained_this_run`` says whether this invocation trained it.
 
-``--budget-min B`` sizes both step counts for *this* machine instead: a probe trains each model
-for 1,000 and then 3,000 steps through the same trainer (Ray Train + DeepSpeed, validation every
-1,000 steps as in the real run), the difference of the two walls is the per-step cost with its
-share of validation passes and without the fixed start-up, and each model gets
-``(B·60 − start-up) / per-step`` steps. The probe's walls, the derived costs and the predicted
-walls go into the JSON next to the real walls, so a reader can see how well the prediction held.
+``--budget-min B`` gives each model B minutes of training loop instead of a step count: the
+flows run with ``--train-minutes B --steps CAP`` and the trainer re-plans its step count as it
+runs (tasks/train_budget.py), so each loop and its LR schedule end inside B minutes on *this*
+machine; start-up (~20 s) comes on top. Until 2026-12-04 a probe (two short runs, 1,000 and
+3,000 steps) sized the step counts in advance, and both long runs overran it by 12-28%
+(bench/results/vae-mnist-probe.json records the probe, its prediction and the walls).
 """
 from __future__ import annotations
 
@@ -41,9 +41,11 @@ PAPERS = {"IWAE paper (Burda et al. 2015), dynamic binarisation, 3,280 epochs, 1
           "NADE / MADE papers, static binarisation": {"mixture of Bernoullis": 137.64, "NADE": 88.86}}
 
 
-def run_flow(data: Path, out: Path, samples: int, steps: int) -> dict:
+def run_flow(data: Path, out: Path, samples: int, steps: int, train_minutes: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "flows.vae_density", "--preset", "base", "--data", str(data),
            "--samples", str(samples), "--steps", str(steps), "--out", str(out)]
+    if train_minutes is not None:
+        cmd += ["--train-minutes", f"{train_minutes:g}"]
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -58,12 +60,10 @@ def summary(m: dict) -> dict:
     return {"command": m["command"], "samples": t.get("samples"), "steps": t.get("steps"),
             "stopped_early": t.get("stopped_early"), "best_val_step": t.get("best_val_step"),
             "train_wall_s": round(float(m["train_wall_s"]), 1), "eval_wall_s": m.get("eval_wall_s"),
+            "train_loop_s": t.get("train_loop_s"), "train_budget_s": t.get("train_budget_s"),
             "trained_this_run": t.get("trained_this_run"),
             "nll_nats": m["nll_nats"], "stderr_nats": m["stderr_nats"], "elbo_nats": m["elbo_nats"],
             "iwae_nats": m["iwae_nats"], "bits_per_dim": m["bits_per_dim"], "run_name": m.get("run_name")}
-
-
-PROBE_STEPS = (1_000, 3_000)
 
 
 def base_spec(data: Path, out: Path, samples: int, steps: int):
@@ -75,44 +75,6 @@ def base_spec(data: Path, out: Path, samples: int, steps: int):
     prepare(cfg)
     d = train_spec(cfg)
     return TrainSpec(**{**d, "splits": tuple(d["splits"]), "val_every": 1_000, "checkpoint_every": steps})
-
-
-def probe_cost(data: Path, out: Path, samples: int) -> dict:
-    """Per-step and fixed cost of training the ``base`` model with M = ``samples`` here: two short
-    runs of the real trainer (same spec as the flow's, validation every 1,000 steps), in ``out``."""
-    import ray
-
-    from tasks.train import train
-    walls = {}
-    for steps in PROBE_STEPS:
-        spec = base_spec(data, out, samples, steps)
-        print(f"probe: M={samples}, {steps} steps", flush=True)
-        walls[steps] = train(spec, str((out / "ray").resolve())).wall_s
-    ray.shutdown()
-    return {"samples": samples, **cost_from_walls(walls)}
-
-
-def cost_from_walls(walls: dict[int, float]) -> dict:
-    """The line through two (steps, wall) probes: per-step cost (slope) and fixed start-up
-    (intercept, at least 0)."""
-    if len(walls) != 2:
-        raise ValueError(f"need two probe lengths, got {sorted(walls)}")
-    (a, wa), (b, wb) = sorted(walls.items())
-    per_step = (wb - wa) / (b - a)
-    if per_step <= 0:
-        raise ValueError(f"probe walls {walls} do not grow with the steps: the machine was busy; re-run on a quiet one")
-    return {"probe_walls_s": {str(k): round(v, 2) for k, v in walls.items()},
-            "per_step_ms": round(1e3 * per_step, 3), "fixed_s": round(max(0.0, wa - per_step * a), 2)}
-
-
-def budget_steps(cost: dict, budget_s: float) -> int:
-    """Steps that fit ``budget_s`` of training wall at ``cost`` (rounded down to 1,000: whole
-    validation intervals)."""
-    n = int((budget_s - cost["fixed_s"]) / (cost["per_step_ms"] / 1e3)) // 1_000 * 1_000
-    if n < 1_000:
-        raise SystemExit(f"--budget-min {budget_s / 60:g}: fits {n} steps at {cost['per_step_ms']} ms/step "
-                         f"(+{cost['fixed_s']} s start-up); give a larger budget")
-    return n
 
 
 def paired_difference(iwae_dir: Path, vae_dir: Path, k: int) -> dict:
@@ -134,8 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vae-steps", type=int, default=78_000)
     ap.add_argument("--iwae-steps", type=int, default=60_000)
     ap.add_argument("--budget-min", type=float, default=None,
-                    help="size both step counts to this many training minutes on this machine (a probe "
-                         "measures each model's cost first); overrides --vae-steps/--iwae-steps")
+                    help="train each model for this many minutes of its training loop (the trainer re-plans "
+                         "its step count, at most --max-steps); overrides --vae-steps/--iwae-steps")
+    ap.add_argument("--max-steps", type=int, default=200_000, help="with --budget-min: the most steps a model takes")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     if not a.data.is_file():
@@ -143,20 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
                          "(arrays train, valid, test of 0/1 pixels; see shared/data/binarized-mnist/SOURCE.md)")
     budget = None
     if a.budget_min is not None:
-        costs = {m: probe_cost(a.data, a.out / f"probe-m{m}", m) for m in (5, 1)}
-        steps = {m: budget_steps(c, 60 * a.budget_min) for m, c in costs.items()}
-        a.iwae_steps, a.vae_steps = steps[5], steps[1]
-        budget = {"minutes": a.budget_min, "probe_steps": list(PROBE_STEPS),
-                  "costs": {f"m{m}": c for m, c in costs.items()},
-                  "steps": {f"m{m}": n for m, n in steps.items()},
-                  "predicted_train_wall_s": {f"m{m}": round(costs[m]["fixed_s"] + steps[m] * costs[m]["per_step_ms"] / 1e3, 1)
-                                             for m in steps}}
-        print(f"budget {a.budget_min:g} min: {budget}", flush=True)
-    iwae = run_flow(a.data, a.out / "iwae5", 5, a.iwae_steps)
-    vae = run_flow(a.data, a.out / "vae1", 1, a.vae_steps)
+        a.iwae_steps = a.vae_steps = a.max_steps
+        budget = {"minutes": a.budget_min, "max_steps": a.max_steps,
+                  "how": "the trainer re-plans its step count every 50 steps (tasks/train_budget.py)"}
+    iwae = run_flow(a.data, a.out / "iwae5", 5, a.iwae_steps, a.budget_min)
+    vae = run_flow(a.data, a.out / "vae1", 1, a.vae_steps, a.budget_min)
     rows = {"vae_m1": summary(vae), "iwae_m5": summary(iwae)}
     if budget is not None:
-        budget["within_budget"] = {k: bool(r["train_wall_s"] <= 60 * a.budget_min) for k, r in rows.items()}
+        budget["loop_within_budget"] = {k: bool((r["train_loop_s"] or 0) <= 60 * a.budget_min) for k, r in rows.items()}
+        budget["steps_taken"] = {k: r["steps"] for k, r in rows.items()}
     ratio = rows["vae_m1"]["train_wall_s"] / rows["iwae_m5"]["train_wall_s"]
     paired = paired_difference(a.out / "iwae5", a.out / "vae1", int(iwae["nll_k"]))
     result = {

@@ -2,6 +2,7 @@
 
     python -m flows.vae_density --preset tiny|base|gpu --out DIR [--data PATH --likelihood L]
                                 [--samples M] [--ray-address ADDR] [--num-workers N] [--seed S] [--steps N]
+                                [--train-minutes T]
 
 Stages (each caches by content, so a re-run with the same inputs trains nothing):
 
@@ -12,6 +13,8 @@ Stages (each caches by content, so a re-run with the same inputs trains nothing)
 2. train the VAE with the M-sample IWAE objective (M = ``--samples``; 1 is the plain VAE) on
    Ray Train + DeepSpeed (tasks.steps.train_step, task ``vae``), early stopping on the
    validation split's IWAE_M bound; the exported model is the best validation checkpoint.
+   ``--train-minutes T``: the trainer re-plans its step count (at most ``--steps``) as it runs,
+   so the loop and its LR schedule end inside T minutes (tasks/train_budget.py).
 3. evaluate on the test split: the ELBO and the IWAE_K bounds for K = 1, 5, 50, 500, 5000
    (models/vae.py ``log_px``; sample k of every K is the same draw, so the bounds are nested).
 4. baselines on the same split, in the same run: independent pixels (exact) and a mixture of
@@ -112,6 +115,9 @@ class VaeDensityConfig(BaseModel):
         None, description="None: categorical for the digits, bernoulli for a file")
     samples: int | None = Field(None, ge=1, le=5000, description="M of the training bound (1: VAE, >1: IWAE)")
     steps: int | None = Field(None, ge=1, le=100_000_000, description="override the preset's training steps")
+    train_minutes: float | None = Field(
+        None, gt=0, le=1_000_000, description="a budget for the training loop, minutes: the trainer re-plans the "
+                                               "step count (at most `steps`) so that its LR schedule ends inside it")
     micro_batch: int | None = Field(None, ge=1, le=65536, description="rows per worker per step")
     z_dim: int | None = Field(None, ge=1, le=4096, description="latent dimension (default: the preset's)")
     k_max: int | None = Field(None, ge=1, le=5000, description="largest K evaluated (default 5000)")
@@ -203,7 +209,8 @@ def train_spec(cfg: VaeDensityConfig) -> dict[str, Any]:
                      weight_decay=0.0, zero_stage=p["zero_stage"], num_workers=cfg.num_workers,
                      use_gpu=cfg.use_gpu, bf16=False, seed=cfg.seed,
                      checkpoint_every=max(50, min(p["steps"], 10 * p["val_every"]) // 2),
-                     val_every=min(p["val_every"], p["steps"]), patience=p["patience"])
+                     val_every=min(p["val_every"], p["steps"]), patience=p["patience"],
+                     max_train_s=60.0 * cfg.train_minutes if cfg.train_minutes else 0.0)
     return asdict(spec)
 
 
@@ -264,6 +271,8 @@ def report(cfg: VaeDensityConfig, data_m: dict, model_m: dict, ev: dict, base: d
         "baselines": base["baselines"],
         "train": {"run_name": model_m["run_name"], "samples": p["samples"], "steps_planned": p["steps"],
                   "steps": model_m["steps"], "stopped_early": model_m["steps"] < p["steps"],
+                  "train_budget_s": 60.0 * cfg.train_minutes if cfg.train_minutes else None,
+                  "train_loop_s": model_m.get("train_loop_s"),
                   "best_val_step": best["step"] if best else None,
                   "best_val_loss_nats": best["val_loss"] if best else None,
                   "final_loss": model_m["final_loss"], "items_per_s": model_m["tokens_per_s"],
@@ -299,7 +308,7 @@ def report(cfg: VaeDensityConfig, data_m: dict, model_m: dict, ev: dict, base: d
         f"Data: `{data_m['source']}`, {data_m['likelihood']} likelihood, {x_dim} dims, rows "
         f"{data_m['files']['prepared.npz']['rows']}.", "",
         f"Training: run `{t['run_name']}`, M = {t['samples']} ({'VAE' if t['samples'] == 1 else 'IWAE'} bound), "
-        f"{t['steps']}/{t['steps_planned']} steps{' (early stop)' if t['stopped_early'] else ''}, best validation "
+        f"{t['steps']}/{t['steps_planned']} steps{' (early stop or budget)' if t['stopped_early'] else ''}, best validation "
         f"at step {t['best_val_step']}, {t['items_per_s']:,.0f} items/s, {t['train_wall_s']:.0f} s"
         f"{'' if trained else ' (reused: nothing trained in this run)'}; CPU {metrics['cpu']}.", "",
         "## Bounds", reporting.md_table(bound_rows),
@@ -349,6 +358,9 @@ def parse_args(argv: list[str] | None = None) -> VaeDensityConfig:
                     help="default: categorical for the digits, bernoulli for --data")
     ap.add_argument("--samples", type=int, help="M of the training bound: 1 = VAE, >1 = IWAE (preset default)")
     ap.add_argument("--steps", type=int, help="training steps (preset default)")
+    ap.add_argument("--train-minutes", type=float,
+                    help="a budget for the training loop (start-up and evaluation on top): the step count, at most "
+                         "--steps, is re-planned as it runs so the LR schedule ends inside it")
     ap.add_argument("--micro-batch", type=int, help="rows per worker per step (preset default)")
     ap.add_argument("--z-dim", type=int, help="latent dimension (preset default)")
     ap.add_argument("--k-max", type=int, help="largest K evaluated (default: the preset's; tiny 500, others 5000)")
@@ -359,7 +371,8 @@ def parse_args(argv: list[str] | None = None) -> VaeDensityConfig:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     return VaeDensityConfig(preset=a.preset, out=a.out or Path("runs/vae-density") / a.preset, data=a.data,
-                            likelihood=a.likelihood, samples=a.samples, steps=a.steps, micro_batch=a.micro_batch,
+                            likelihood=a.likelihood, samples=a.samples, steps=a.steps, train_minutes=a.train_minutes,
+                            micro_batch=a.micro_batch,
                             z_dim=a.z_dim, k_max=a.k_max, mixture_components=a.mixture_components,
                             ray_address=a.ray_address, num_workers=a.num_workers, use_gpu=a.use_gpu, seed=a.seed)
 

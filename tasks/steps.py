@@ -117,7 +117,7 @@ def train_step(spec_dict: dict, storage: str, model_out: str, ray_address: str |
             shutil.copyfile(Path(res.checkpoint_dir) / f, tmp)
     manifest = write_manifest(out, files, run_name=name, steps=res.steps,
                               final_loss=res.final_loss, tokens_per_s=res.tokens_per_s, train_wall_s=res.wall_s,
-                              checkpoint=res.checkpoint_dir, spec=spec_dict, content=spec.content(),
+                              train_loop_s=res.loop_s, checkpoint=res.checkpoint_dir, spec=spec_dict, content=spec.content(),
                               accelerator=spec.accelerator()[0], validations=res.validations)
     reporting.table("train-history" if spec.task == "seq2seq" else f"train-{spec.task}-history", [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
                                       for h in res.history], f"Training of {name}: loss and tokens/s per 5 steps")

@@ -35,6 +35,7 @@ import numpy as np
 
 from tasks.ray_runtime import ensure_ray  # noqa: F401  (re-exported: tasks.train.ensure_ray)
 from tasks.replicas import replica_hashes
+from tasks.train_budget import StepBudget
 from tasks.train_progress import ProgressRouter, progress_actor
 
 from tasks.model_dir import (MODEL_CONFIG, MODEL_FILE, load_trained_model, ranker_dir,  # noqa: F401 (re-exported)
@@ -72,6 +73,7 @@ class TrainSpec:
     cpu_bf16: bool = False        # CPU workers: bf16 autocast in the forward (fp32 weights and optimizer)
     seed: int = 0
     checkpoint_every: int = 50
+    max_train_s: float = 0.0      # a budget for the training loop, seconds (0: off): tasks/train_budget.py
     val_every: int = 0            # run the task's validation pass every N steps (0: never)
     patience: int = 0             # early stopping after N validations without a new best (0: off)
     max_src_len: int = 64
@@ -84,6 +86,8 @@ class TrainSpec:
         mod = adapter(self.task)  # ValueError naming the tasks for an unknown one
         if hasattr(mod, "check_spec"):
             mod.check_spec(self)
+        if not self.max_train_s >= 0:
+            raise ValueError(f"max_train_s={self.max_train_s}: a number of seconds >= 0 (0: no budget)")
         if self.patience and not self.val_every:
             raise ValueError(f"patience={self.patience} needs val_every > 0 (a validation pass to stop on)")
 
@@ -241,9 +245,10 @@ def train_loop_per_worker(config: dict) -> None:
                 return loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    total, warm = spec.steps, max(1, spec.warmup)
+    warm = max(1, spec.warmup)
+    plan = StepBudget(spec.max_train_s, spec.steps, spec.steps)  # the planned step count; the LR decays to it
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / max(1, total)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / max(1, plan.total)))
     wrapped = WithLoss(model)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=opt, lr_scheduler=sched,
                                            config=spec.ds_config())
@@ -257,6 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
                 best_sd = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
         start = int(client["step"])
         val = client.get("val", val)
+        plan = StepBudget.resume(spec.max_train_s, spec.steps, client.get("budget"))
         if sink is not None and rank == 0:  # the driver reports where training goes on from
             sink.push.remote({"event": "resume", "step": start})
     reduce = _all_reduce(world)
@@ -266,7 +272,9 @@ def train_loop_per_worker(config: dict) -> None:
     parts_log: dict[str, list[float]] = {}
     stop = False
     done = start
-    for step in range(start, total):
+    for step in range(start, spec.steps):
+        if step >= plan.total:
+            break
         if step == spec.fail_at_step and spec.fail_marker and not os.path.exists(spec.fail_marker):
             Path(spec.fail_marker).touch()
             raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
@@ -287,11 +295,16 @@ def train_loop_per_worker(config: dict) -> None:
             parts_log.setdefault(k, []).append(float(v))
         tok_last += n_tokens * world
         done = step + 1
+        if plan.due(done):
+            plan.replan(done, start, time.perf_counter() - t_start, rank, reduce)
+        total = plan.total
         if setup.validate is not None and spec.val_every and (done % spec.val_every == 0 or done == total):
+            t_val = time.perf_counter()
             model.eval()
             with torch.no_grad():
                 v = {k: float(x) for k, x in setup.validate(model).items()}
             model.train()
+            plan.last_val_s = time.perf_counter() - t_val
             val["history"].append({"step": done, **v})
             if v["val_loss"] < val["best"]:
                 val.update(best=v["val_loss"], best_step=done, bad=0)
@@ -311,7 +324,10 @@ def train_loop_per_worker(config: dict) -> None:
             sink.push.remote(item)
             t_last, tok_last = now, 0
         if done % spec.checkpoint_every == 0 or done == total or stop:
-            _checkpoint(engine, spec, exported if setup.export else None, model, rank, done, losses, val, best_sd)
+            t_ck = time.perf_counter()
+            _checkpoint(engine, spec, exported if setup.export else None, model, rank, done, losses, val, best_sd,
+                        lambda: plan.state(time.perf_counter() - t_start))
+            plan.last_ckpt_s = time.perf_counter() - t_ck
         if stop:
             break
 
@@ -320,13 +336,14 @@ BEST_FILE = "best.pt"
 
 
 def _checkpoint(engine, spec: TrainSpec, part, model, rank: int, done: int, losses: list[float], val: dict,
-                best_sd) -> None:
+                best_sd, budget: Callable[[], dict]) -> None:
     """Save the engine's state (every rank: its shard) and, on rank 0, the exported model
-    (``part``: the adapter's export of the model, None for the whole model)."""
+    (``part``: the adapter's export of the model, None for the whole model). ``budget()``: the
+    step plan and the loop's seconds so far (tasks/train_budget.py), kept and reported."""
     import ray.train
     import torch
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag="state", client_state={"step": done, "val": val})
+        engine.save_checkpoint(tmp, tag="state", client_state={"step": done, "val": val, "budget": budget()})
         if part is not None:
             export = part.state_dict()
         elif spec.zero_stage == 3:
@@ -342,7 +359,7 @@ def _checkpoint(engine, spec: TrainSpec, part, model, rank: int, done: int, loss
             (Path(tmp) / MODEL_CONFIG).write_text(json.dumps(cfg))
             if val["history"]:
                 (Path(tmp) / "validation.json").write_text(json.dumps(val))
-        ray.train.report({"step": done, "loss": float(np.mean(losses[-10:])),
+        ray.train.report({"step": done, "loss": float(np.mean(losses[-10:])), **budget(),
                           "replica_sha256": replica_hashes(engine.module if spec.zero_stage < 3 else None)},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -359,6 +376,7 @@ class TrainResult:
     placements: list[dict] = field(default_factory=list)  # one "worker-start" per (re)started rank
     validations: list[dict] = field(default_factory=list)  # the validation passes, in order
     replica_sha256: list[str] = field(default_factory=list)  # every rank's state hash at the last checkpoint
+    loop_s: float = 0.0  # the training loop's seconds (steps, validations, checkpoints; all attempts), no start-up
 
 
 def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_failures: int = 2,
@@ -417,4 +435,5 @@ def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_fai
                        int(result.metrics.get("step", spec.steps)) if result.metrics else spec.steps,
                        float(result.metrics.get("loss", float("nan"))) if result.metrics else float("nan"),
                        float(np.median(rates)) if rates else 0.0, time.perf_counter() - t0, history,
-                       router.placements, router.validations, list((result.metrics or {}).get("replica_sha256") or []))
+                       router.placements, router.validations, list((result.metrics or {}).get("replica_sha256") or []),
+                       float((result.metrics or {}).get("loop_s", 0.0)))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from flows.vae_density import VaeDensityConfig, vae_density
+from flows.vae_density import VaeDensityConfig, parse_args, train_spec, vae_density
 from tests.conftest import ROOT
 
 STEPS = 120  # a few epochs of the digits: enough for ordered bounds, short enough for 2 busy cores
@@ -97,6 +97,15 @@ def test_config_refusals():
         VaeDensityConfig(preset="tiny", bogus=1)
     with pytest.raises(ValidationError, match="num_workers"):
         VaeDensityConfig(num_workers=(os.cpu_count() or 1) + 1)
+    with pytest.raises(ValidationError, match="train_minutes"):
+        VaeDensityConfig(preset="tiny", train_minutes=0)
+
+
+def test_train_minutes_becomes_the_trainers_loop_budget():
+    timed = train_spec(parse_args(["--preset", "tiny", "--train-minutes", "0.5", "--steps", "9000"]))
+    assert timed["max_train_s"] == 30.0 and timed["steps"] == 9000  # --steps: the cap of the plan
+    plain = train_spec(parse_args(["--preset", "tiny"]))
+    assert plain["max_train_s"] == 0.0
 
 
 def test_known_density_ppca_not_beaten(prefect_harness, ray_local, tmp_path):

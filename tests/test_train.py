@@ -177,3 +177,26 @@ def test_a_data_option_naming_a_directory_enters_the_run_name_by_content(tmp_pat
     c = tmp_path / "c"
     prepare_corpus(c, str(src), val_fraction=0.3, lines_per_doc=50)
     assert replace(spec, data={"corpus": str(c), "seq_len": 16}).run_name() != spec.run_name()
+
+
+def test_a_time_budget_stops_the_run_inside_it_at_the_bottom_of_its_schedule(ray_local, prepared, tmp_path):
+    """max_train_s: the ranks re-plan the step count as they go (tasks/train_budget.py), so a run
+    capped at 100,000 steps stops inside its 8-second loop budget, with the LR schedule decayed to
+    the planned count and both replicas identical; a failure at step 60 resumes from checkpoint 50
+    with the plan and the loop seconds spent before it (they count against the budget)."""
+    budget = 8.0
+    spec = _spec(prepared, steps=100_000, max_train_s=budget, checkpoint_every=50, fail_at_step=60,
+                 fail_marker=str(tmp_path / "failed-once"))
+    events: list[dict] = []
+    res = train(spec, str(tmp_path / "run"), max_failures=1, on_progress=events.append, progress="every")
+    assert (tmp_path / "failed-once").exists(), "the injected failure happened"
+    assert {"event": "resume", "step": 50} in events
+    assert 60 < res.steps < 100_000, res.steps
+    last = res.history[-1]
+    assert last["step"] == res.steps == last["steps"], last  # the final progress item is the plan's end
+    assert last["lr"] < 0.1 * spec.lr, last  # decayed to the planned count, not to 100,000 steps
+    assert len(res.replica_sha256) == 2 and len(set(res.replica_sha256)) == 1, res.replica_sha256
+    # both attempts' loop seconds, minus the steps lost after checkpoint 50: inside the budget
+    assert 0.5 * budget <= res.loop_s <= budget + 2.0, res.loop_s
+    with pytest.raises(ValueError, match="max_train_s"):
+        _spec(prepared, max_train_s=-1.0)
