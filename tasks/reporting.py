@@ -25,12 +25,33 @@ def _check(key: str) -> str:
     return key
 
 
-def table(key: str, rows: Sequence[dict[str, Any]], description: str = "") -> None:
+#: Most rows one table artifact holds. Prefect refuses to publish an event over ~1.5 MB
+#: ("Refusing to publish event of size ...") and the UI renders a long table slowly; a 30-minute
+#: MNIST training logs ~14,000 history rows (2.3 MB). Longer tables are thinned evenly.
+MAX_TABLE_ROWS = 1000
+
+
+def thin(rows: Sequence[Any], max_rows: int = MAX_TABLE_ROWS) -> list[Any]:
+    """At most ``max_rows`` of ``rows``, evenly spaced, always keeping the first and the last."""
+    n = len(rows)
+    if max_rows < 2:
+        raise ValueError(f"thin: max_rows={max_rows}; keep at least 2 (the first and the last row)")
+    if n <= max_rows:
+        return list(rows)
+    idx = sorted({round(i * (n - 1) / (max_rows - 1)) for i in range(max_rows)})
+    return [rows[i] for i in idx]
+
+
+def table(key: str, rows: Sequence[dict[str, Any]], description: str = "",
+          max_rows: int = MAX_TABLE_ROWS) -> None:
     if not _in_run():
         log.info("%s: %d rows", key, len(rows))
         return
     from prefect.artifacts import create_table_artifact
-    create_table_artifact(key=_check(key), table=[dict(r) for r in rows], description=description)
+    shown = thin(rows, max_rows)
+    if len(shown) < len(rows):
+        description = f"{description} ({len(shown)} of {len(rows)} rows, evenly spaced, first and last kept)".strip()
+    create_table_artifact(key=_check(key), table=[dict(r) for r in shown], description=description)
 
 
 def markdown(key: str, text: str, description: str = "") -> None:
