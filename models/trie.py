@@ -261,6 +261,15 @@ class KgTrie:
         s = find_sorted(self.sp_offsets, e, side="right") - 1
         return s, int(self.sp_pred[e]), int(self.spm_m[key_id])
 
+    def subject_keys(self, subject_id: int) -> range:
+        """Every key id of one subject: keys are numbered subject by subject, so they form one
+        contiguous range (in token order of predicate, then disambiguation)."""
+        if not 0 <= subject_id < self.n_subjects:
+            raise IndexError(f"subject id {subject_id} outside 0..{self.n_subjects - 1}")
+        lo = int(self.spm_offsets[self.sp_offsets[subject_id]])
+        hi = int(self.spm_offsets[self.sp_offsets[subject_id + 1]])
+        return range(lo, hi)
+
     def _seq(self, which: str, i: int) -> np.ndarray:
         tok, off = getattr(self, f"{which}_tokens"), getattr(self, f"{which}_offsets")
         return np.asarray(tok[off[i]:off[i + 1]], dtype=np.int64)

@@ -109,8 +109,7 @@ def candidate_keys(trie: KgTrie, hyps: Sequence[Hypothesis], n_subjects: int, ma
     out = list(dict.fromkeys(h.key_id for h in hyps))[:max_candidates]
     seen = set(out)
     for s in subjects[:n_subjects]:
-        lo, hi = int(trie.spm_offsets[trie.sp_offsets[s]]), int(trie.spm_offsets[trie.sp_offsets[s + 1]])
-        for k in range(lo, hi):
+        for k in trie.subject_keys(s):
             if len(out) >= max_candidates:
                 return np.asarray(out, dtype=np.int64)
             if k not in seen:

@@ -109,6 +109,29 @@ def test_completions_match_brute_force():
         assert len(trie.completions(state, limit=2)) == min(2, len(got))
 
 
+def test_subject_keys_are_exactly_the_keys_of_that_subject():
+    """``subject_keys`` (the narrow contract the re-ranker's candidate pool uses) against a
+    brute force: walk every triple's key through the trie and group the key ids by subject text."""
+    triples = _random_triples(800, 3)
+    vocab = CharVocab.build("abcdef")
+    trie = KgTrie.from_triples(triples, vocab)
+    by_text: dict[str, set] = defaultdict(set)
+    for t in triples:
+        state = trie.start()
+        for tok in _key(vocab, *t):
+            state = trie.advance(state, tok)
+        by_text[t[0]].add(trie.key_id(state))
+    assert len(by_text) == trie.n_subjects
+    seen = set()
+    for keys in by_text.values():
+        s = trie.key_parts(min(keys))[0]
+        assert list(trie.subject_keys(s)) == sorted(keys)  # contiguous, complete, nothing else
+        seen.add(s)
+    assert seen == set(range(trie.n_subjects))
+    with pytest.raises(IndexError):
+        trie.subject_keys(trie.n_subjects)
+
+
 def test_empty_or_terminal_states():
     vocab = CharVocab.build("ab")
     with pytest.raises(ValueError):
