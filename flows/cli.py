@@ -13,9 +13,12 @@ import importlib
 import importlib.util
 import sys
 
-# Prefect flow name -> (module, one line). A module not present in this checkout is not listed.
-FLOWS: dict[str, tuple[str, str]] = {
+# Prefect flow name -> (module, one line[, entry function; default main]). A module not present
+# in this checkout is not listed. Every flow in prefect.yaml is here (tests/test_config_seams.py).
+FLOWS: dict[str, tuple[str, ...]] = {
     "kgclue-pipeline": ("flows.kgclue", "KgCLUE: data prep -> KB -> vocab -> trie -> train -> re-rankers -> evaluate"),
+    "train-seq2seq": ("flows.kgclue", "KgCLUE data stages (cached) + the generator's training alone",
+                      "main_train_seq2seq"),
     "data-prep": ("flows.data_prep", "KgCLUE files -> validated Parquet + quarantine, KB ingest, vocab, trie"),
     "sector-montecarlo": ("flows.sector_montecarlo", "sector probability: Monte Carlo on Ray vs the exact formula"),
     "long-context-lm": ("flows.long_context_lm", "decoder-only LM at length N, evaluated at N..16N per attention kind"),
@@ -23,7 +26,7 @@ FLOWS: dict[str, tuple[str, str]] = {
 }
 
 
-def available() -> dict[str, tuple[str, str]]:
+def available() -> dict[str, tuple[str, ...]]:
     return {n: v for n, v in FLOWS.items() if importlib.util.find_spec(v[0]) is not None}
 
 
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "list":
         width = max(map(len, flows))
-        for name, (module, line) in flows.items():
+        for name, (module, line, *_) in flows.items():
             print(f"{name:<{width}}  python -m {module:<24} {line}")
         return 0
     if argv[0] != "run" or len(argv) < 2:
@@ -47,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trieflow: no flow {name!r}; available: {', '.join(flows)}", file=sys.stderr)
         return 2
     module = importlib.import_module(flows[name][0])
+    entry = getattr(module, flows[name][2] if len(flows[name]) > 2 else "main")
     sys.argv = [f"trieflow run {name}", *argv[2:]]
-    rc = module.main(argv[2:])
+    rc = entry(argv[2:])
     return rc if isinstance(rc, int) else 0
 
 

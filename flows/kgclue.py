@@ -412,5 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{m['n_eval']} {m['eval_set']} questions; wrote {cfg.out / 'metrics.json'}"), cleanup=_stop_ray)
 
 
+def main_train_seq2seq(argv: list[str] | None = None) -> int:
+    """``trieflow run train-seq2seq ...``: the data stages and the generator's training alone
+    (the same command line as kgclue-pipeline; evaluation options are ignored)."""
+    return run_cli("train-seq2seq", parse_args, train_seq2seq_flow, argv, lambda cfg, m: (
+        f"train-seq2seq: run {m['run_name']}, {m['steps']} steps, final loss {m['final_loss']:.4f}; "
+        f"model in {cfg.out / 'model'}"), cleanup=_stop_ray)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,6 +34,10 @@ def test_pipeline_writes_metrics_predictions_and_artifacts(first_run):
     assert set(v["val_scores"]) == {"0", "1"} and v["val_n"] > 0
     assert metrics["rankers_used"] == v["rankers"] and metrics["reranked"] == (v["rankers"] > 0)
     assert v["val_scores"][str(v["rankers"])] == max(v["val_scores"].values())
+    # the look-ahead rule too: both conventions scored on the slice, the better one used
+    rules = v["lookahead_val_scores"]
+    assert set(rules) == {"ours", "reference"} and rules[v["lookahead"]] == max(rules.values())
+    assert v["val_scores"]["0"] == rules[v["lookahead"]]  # the beam alone with the chosen rule
     assert metrics["cpu"] and isinstance(metrics["ranker_cpu_bf16"], bool)
     # under the mini-KB protocol test's subjects are not in the KB: no leaderboard file is written
     assert metrics["leaderboard_file"] is False and not (cfg.out / "eval" / "kgclue_predict.json").exists()
@@ -56,6 +60,41 @@ def test_rerun_recomputes_nothing(first_run):
     assert {k: again[k] for k in METRIC_KEYS} == {k: metrics[k] for k in METRIC_KEYS}
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
     assert time.perf_counter() - t0 < 60
+
+
+def test_export_checkpoint_picks_the_generator_beside_rankers_and_writes_atomically(first_run, tmp_path):
+    """scripts/export_checkpoint.py on a run that trained a generator and a re-ranker: it exports
+    the generator's checkpoint (the step asked for), the vocabulary with its manifest, and the
+    result is a --from-run directory."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from tasks.model_dir import load_trained_model
+    from tasks.storage import read_manifest
+    cfg, _ = first_run
+    runs = sorted(p.name.split("-")[0] for p in (cfg.out / "ray").iterdir() if p.is_dir())
+    assert runs.count("seq2seq") == 1 and "ranker" in runs, runs
+    script = Path(__file__).resolve().parent.parent / "scripts" / "export_checkpoint.py"
+    dest = tmp_path / "exported"
+    done = subprocess.run([sys.executable, str(script), str(cfg.out), str(dest), "--step", "20"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    man = read_manifest(dest / "model", verify_hashes=True)
+    assert man["steps"] == 20 and man["run_name"].startswith("seq2seq-")
+    assert read_manifest(dest / "vocab", verify_hashes=True)["files"].keys() == \
+        read_manifest(cfg.out / "vocab")["files"].keys()
+    early, final = load_trained_model(dest / "model"), load_trained_model(cfg.out / "model")
+    assert early.state_dict().keys() == final.state_dict().keys()
+    assert any(not torch.equal(early.state_dict()[k], final.state_dict()[k]) for k in final.state_dict()), \
+        "step 20 exported, yet its weights equal the finished model's (step 40)"
+    KgcluePipelineConfig(preset="tiny", out=tmp_path / "eval", from_run=dest)  # accepted as a finished run
+    assert not [p for p in dest.rglob("*") if ".tmp" in p.name]
+    wrong = subprocess.run([sys.executable, str(script), str(cfg.out), str(tmp_path / "x"), "--task", "nothing"],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "runs there:" in wrong.stderr
 
 
 def test_from_run_evaluates_against_another_kb_and_eval_file(first_run, sample, tmp_path):

@@ -564,4 +564,10 @@ def test_stack_runs_kgclue_tiny_deployment(stack: Stack, tmp_path):
     assert str(deployment.concurrency_options.collision_strategy.value) == "ENQUEUE"
     assert {"kgclue-metrics", "kgclue-report"} <= set(arts), sorted(arts)
     metrics = json.loads((out / "metrics.json").read_text("utf-8"))
-    assert metrics["preset"] == "tiny" and 0 <= metrics["score"] <= 100
+    assert metrics["preset"] == "tiny" and metrics["n_eval"] == 20
+    # the reported Score is the official metric of the predictions the run wrote, against dev's answers
+    from models.metrics import score, split_answer
+    preds = [json.loads(x)["answer"] for x in (out / "eval" / "dev_predict.json").read_text("utf-8").splitlines()]
+    golds = [json.loads(x)["answer"] for x in (data / "dev.json").read_text("utf-8").splitlines() if x.strip()]
+    again = score([split_answer(p) for p in preds], [split_answer(g) for g in golds])
+    assert again["score"] == pytest.approx(metrics["score"], abs=1e-9) and again["em_s"] == metrics["em_s"]
