@@ -49,7 +49,17 @@ def heavy_tailed_degrees(rng: np.random.Generator, n_ent: int, n_tri: int) -> np
     lam = max(0.0, rest / max(1, n_ent - int(hub.sum())) - 1)
     degree = 1 + rng.poisson(lam, n_ent)
     degree[hub] = hub_deg
-    degree[-1] += max(0, n_tri - int(degree.sum()))  # exact triple count
+    # exact triple count: the Poisson draw's surplus is taken one triple at a time from random
+    # non-hub entities that keep at least one (a shortfall goes to the last entity)
+    excess = int(degree.sum()) - n_tri
+    while excess > 0:
+        can = np.flatnonzero(~hub & (degree > 1))
+        if can.size == 0:
+            break
+        take = rng.choice(can, size=min(excess, can.size), replace=False)
+        degree[take] -= 1
+        excess -= take.size
+    degree[-1] += max(0, n_tri - int(degree.sum()))
     return degree
 
 

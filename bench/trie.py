@@ -190,7 +190,8 @@ def run(scale_name: str, work: Path, baseline_triples: int, latency_keys: int) -
     same = _sub("ours_keys", str(kb), n, str(work / scale_name))
     return {
         "bench": "trie", "scale": scale_name, "kb": json.loads(meta_path.read_text()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "cpu": _cpu_label()},
         "keys": ours["keys"], "ours": ours, "ours_at_baseline_scale": same,
         "nested_dict": nested, "marisa": marisa,
         "allowed_p50_us": ours["allowed_step_p50_us"], "allowed_p99_us": ours["allowed_step_p99_us"],
@@ -198,6 +199,11 @@ def run(scale_name: str, work: Path, baseline_triples: int, latency_keys: int) -
                    "marisa_over_ours_bytes_per_key": round(marisa["bytes_per_key"] / same["bytes_per_key"], 2),
                    "nested_dict_extrapolated_full_gib": round(nested["bytes_per_key"] * ours["keys"] / 2**30, 1)},
     }
+
+
+def _cpu_label() -> str:
+    from tasks.hw import cpu_label
+    return cpu_label()
 
 
 def main(argv: list[str] | None = None) -> int:
