@@ -40,6 +40,7 @@ from tasks.train_progress import ProgressRouter, progress_actor
 
 from tasks.model_dir import (MODEL_CONFIG, MODEL_FILE, load_trained_model, ranker_dir,  # noqa: F401 (re-exported)
                              trained_ranker_dirs, warm_start_weights)
+PROGRESS_EVERY = 5  # steps per progress item: rank 0's tokens/s is measured over this window
 _NOT_IDENTITY = ("data_dir", "vocab_dir", "warm_start", "fail_at_step", "fail_marker")  # paths / fault injection
 
 
@@ -244,7 +245,7 @@ def train_loop_per_worker(config: dict) -> None:
                 loss, self.parts = loss_fn(self.model, batch)
                 return loss
 
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = make_optimizer(model.parameters(), spec)
     warm = max(1, spec.warmup)
     plan = StepBudget(spec.max_train_s, spec.steps, spec.steps)  # the planned step count; the LR decays to it
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -314,13 +315,13 @@ def train_loop_per_worker(config: dict) -> None:
             if sink is not None and rank == 0:
                 sink.push.remote({"event": "validation", "step": done, **v, "best_step": val["best_step"]})
             stop = bool(spec.patience and val["bad"] >= spec.patience)
-        if sink is not None and rank == 0 and (done % 5 == 0 or done == total or stop):
+        if sink is not None and rank == 0 and (done % PROGRESS_EVERY == 0 or done == total or stop):
             now = time.perf_counter()
             rate = tok_last / max(1e-9, now - t_last)
-            item = {"step": done, "steps": total, "loss": float(np.mean(losses[-5:])),
+            item = {"step": done, "steps": total, "loss": float(np.mean(losses[-PROGRESS_EVERY:])),
                     "tokens_per_s": rate, "lr": sched.get_last_lr()[0],
                     "eta_s": (total - done) * (now - t_start) / max(1, done - start)}
-            item.update({k: float(np.mean(v[-5:])) for k, v in parts_log.items()})
+            item.update({k: float(np.mean(v[-PROGRESS_EVERY:])) for k, v in parts_log.items()})
             sink.push.remote(item)
             t_last, tok_last = now, 0
         if done % spec.checkpoint_every == 0 or done == total or stop:
@@ -377,6 +378,15 @@ class TrainResult:
     validations: list[dict] = field(default_factory=list)  # the validation passes, in order
     replica_sha256: list[str] = field(default_factory=list)  # every rank's state hash at the last checkpoint
     loop_s: float = 0.0  # the training loop's seconds (steps, validations, checkpoints; all attempts), no start-up
+
+
+def make_optimizer(params, spec: TrainSpec):
+    """The client optimizer DeepSpeed wraps: torch AdamW, its fused kernel (one pass over each
+    tensor). Under ZeRO-1/2 DeepSpeed hands it one flat fp32 partition; the per-element loop of
+    the default CPU implementation took ~9 ms per step for a 1.1M-element tensor on a 2-core AVX2
+    EPYC (the VAE's whole step is ~28 ms), the fused kernel 0.8 ms."""
+    import torch
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
 
 
 def train(spec: TrainSpec, storage: str, ray_address: str | None = None, max_failures: int = 2,

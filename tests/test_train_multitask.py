@@ -19,7 +19,7 @@ import torch
 
 from models.seq2seq import PRESETS
 from tasks.sample import prepare_training_set
-from tasks.train import TrainSpec, load_trained_model, train
+from tasks.train import TrainSpec, load_trained_model, make_optimizer, train
 
 SMALL = dict(PRESETS["tiny"], d_model=32, d_ff=64, n_head=2, n_layer_enc=1, n_layer_dec=1)
 AUX = ["subject_tags", "predicate_match", "input_grad"]
@@ -104,7 +104,7 @@ def single_rank_dist(tmp_path_factory):
 def _engine(spec: TrainSpec, model):
     """The trainer's optimizer, schedule and DeepSpeed engine (tasks/train.py), on ``model``."""
     import deepspeed
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = make_optimizer(model.parameters(), spec)
     warm, total = max(1, spec.warmup), spec.steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / max(1, total)))
@@ -149,8 +149,7 @@ def test_zero0_applies_exactly_adamw_on_the_clipped_combined_direction(prepared,
         batch, _ = setup.make_batch(batch_indices(setup.n_rows, step, spec.micro_batch, spec.seed, 0, 1), step)
         before = [p.detach().clone() for p in params]
         ref_model = copy.deepcopy(model)
-        ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=opt.param_groups[0]["lr"],
-                                    weight_decay=spec.weight_decay)
+        ref_opt = make_optimizer(ref_model.parameters(), spec)  # the trainer's own optimizer
         ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict shares tensors)
         losses0, g0, G = _recompute(model, batch, aux, 10.0)
         u_ref, info = combine(g0, G, "primary_aux", seed=step)
