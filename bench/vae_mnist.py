@@ -57,7 +57,8 @@ def run_flow(data: Path, out: Path, samples: int, steps: int, train_minutes: flo
 
 def summary(m: dict) -> dict:
     t = m.get("train") or {}
-    return {"command": m["command"], "samples": t.get("samples"), "steps": t.get("steps"),
+    return {"command": m["command"], "samples": t.get("samples"), "kl": (t.get("model") or {}).get("kl", "mc"),
+            "steps": t.get("steps"),
             "stopped_early": t.get("stopped_early"), "best_val_step": t.get("best_val_step"),
             "train_wall_s": round(float(m["train_wall_s"]), 1), "eval_wall_s": m.get("eval_wall_s"),
             "train_loop_s": t.get("train_loop_s"), "train_budget_s": t.get("train_budget_s"),

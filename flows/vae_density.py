@@ -66,15 +66,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                  zero_stage=1, gpu=False),
     # The IWAE paper's one-stochastic-layer model (784-200-200-50, tanh) for binarised MNIST
     # (--data ../shared/data/binarized-mnist/binarized_mnist.npz). Sized for <= 30 wall-minutes of
-    # training on a 2-core CPU through this trainer (2 workers x 1 thread, DeepSpeed on gloo,
-    # 2 x 50 rows per step). Measured on an Intel Xeon (AVX-512 + AMX, fp32), quiet box, M = 5:
-    # 60,000 steps (120 epochs of 50,000) trained in 1,220 s (5,370 items/s, ~20 ms/step of which
-    # ~9 ms is the model's own fwd+bwd per worker); the best validation was the last one. On the
-    # slower AVX2 box of an earlier sitting (1,610 items/s under load) the same steps would take
-    # ~60 min: pass --steps. Validation (IWAE_M on 5,000 valid images, noise fixed by the seed)
-    # every 1,000 steps, patience 10. NOT in the training time: the evaluation (ELBO_100 +
-    # K = 1..5000 on the 10,000 test images: 170 s on the Xeon) and the EM mixture baseline.
-    "base": dict(hidden=(200, 200), z_dim=50, samples=5, steps=60_000, micro_batch=50, lr=1e-3, warmup=200,
+    # training on a 2-core CPU through this trainer (2 workers x 1 thread, DeepSpeed on gloo).
+    # The step is overhead-bound (all-reduce, optimizer, engine): on the AVX2 EPYC of 2026-12-07
+    # 2 x 100 rows cost ~1.2x the time of 2 x 50, so the preset takes 2 x 100 rows at lr 2e-3
+    # (a one-process probe at 20,000 equal steps, plain VAE with the analytic KL, valid NLL at
+    # K = 500: batch 100 / lr 1e-3 97.96, batch 200 / lr 1e-3 96.09, batch 200 / lr 2e-3 93.31,
+    # batch 200 / lr 3e-3 93.03, batch 400 / lr 2e-3 92.78). Until then: 2 x 50 rows, lr 1e-3
+    # (60,000 steps on an Intel Xeon in 1,220 s, M = 5). With --train-minutes the trainer plans
+    # the step count (at most `steps`). Validation (IWAE_M on 5,000 valid images, noise fixed by
+    # the seed) every 1,000 steps, patience 10. NOT in the training time: the evaluation (ELBO_100
+    # + K = 1..5000 on the 10,000 test images) and the EM mixture baseline.
+    "base": dict(hidden=(200, 200), z_dim=50, samples=5, steps=60_000, micro_batch=100, lr=2e-3, warmup=200,
                  val_every=1_000, patience=10, val_rows=5_000, k_max=5000, mixture_components=50,
                  mixture_iters=100, zero_stage=1, gpu=False),
     # The IWAE paper's schedule (Burda et al. 2015, sec. 5): k = 50, batch 20, 3,280 epochs of 50,000
@@ -115,6 +117,10 @@ class VaeDensityConfig(BaseModel):
         None, description="None: categorical for the digits, bernoulli for a file")
     samples: int | None = Field(None, ge=1, le=5000, description="M of the training bound (1: VAE, >1: IWAE)")
     steps: int | None = Field(None, ge=1, le=100_000_000, description="override the preset's training steps")
+    kl: Literal["auto", "mc", "analytic"] = Field(
+        "auto", description="M = 1: the KL term in closed form ('analytic', Kingma & Welling's estimator B) or "
+                            "inside the sampled log-weight ('mc'); auto = analytic for M = 1, mc for M > 1 (IWAE "
+                            "needs the log-weights)")
     train_minutes: float | None = Field(
         None, gt=0, le=1_000_000, description="a budget for the training loop, minutes: the trainer re-plans the "
                                                "step count (at most `steps`) so that its LR schedule ends inside it")
@@ -149,6 +155,19 @@ class VaeDensityConfig(BaseModel):
             raise ValueError(f"num_workers={self.num_workers} but a local Ray has {os.cpu_count()} CPU(s): the "
                              f"training would wait for CPUs forever; lower --num-workers or give --ray-address")
         return self
+
+    @model_validator(mode="after")
+    def _kl(self) -> "VaeDensityConfig":
+        if self.kl == "analytic" and self.preset_values()["samples"] != 1:
+            raise ValueError(f"kl='analytic' needs --samples 1 (got {self.preset_values()['samples']}): the analytic "
+                             "KL only applies to the M = 1 ELBO; use --kl mc or auto for the IWAE bound")
+        return self
+
+    def kl_estimator(self) -> str:
+        """The VAE's ``kl`` option: ``auto`` resolves to analytic for M = 1, mc otherwise."""
+        if self.kl != "auto":
+            return self.kl
+        return "analytic" if self.preset_values()["samples"] == 1 else "mc"
 
     def preset_values(self) -> dict[str, Any]:
         p = dict(PRESETS[self.preset])
@@ -204,7 +223,7 @@ def train_spec(cfg: VaeDensityConfig) -> dict[str, Any]:
     data = {"val_rows": p["val_rows"]} if p["val_rows"] else {}
     spec = TrainSpec(task="vae", data_dir=str((cfg.out / "data").resolve()), data=data,
                      model={"hidden": list(p["hidden"]), "z_dim": p["z_dim"], "samples": p["samples"],
-                            "activation": "tanh"},
+                            "activation": "tanh", "kl": cfg.kl_estimator()},
                      steps=p["steps"], micro_batch=p["micro_batch"], lr=p["lr"], warmup=p["warmup"],
                      weight_decay=0.0, zero_stage=p["zero_stage"], num_workers=cfg.num_workers,
                      use_gpu=cfg.use_gpu, bf16=False, seed=cfg.seed,
@@ -357,6 +376,9 @@ def parse_args(argv: list[str] | None = None) -> VaeDensityConfig:
     ap.add_argument("--likelihood", choices=("bernoulli", "categorical", "gaussian"),
                     help="default: categorical for the digits, bernoulli for --data")
     ap.add_argument("--samples", type=int, help="M of the training bound: 1 = VAE, >1 = IWAE (preset default)")
+    ap.add_argument("--kl", choices=("auto", "mc", "analytic"), default="auto",
+                    help="M = 1: KL in closed form (analytic) or sampled in the log-weight (mc); auto: analytic for "
+                         "M = 1, mc for IWAE")
     ap.add_argument("--steps", type=int, help="training steps (preset default)")
     ap.add_argument("--train-minutes", type=float,
                     help="a budget for the training loop (start-up and evaluation on top): the step count, at most "
@@ -371,7 +393,7 @@ def parse_args(argv: list[str] | None = None) -> VaeDensityConfig:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     return VaeDensityConfig(preset=a.preset, out=a.out or Path("runs/vae-density") / a.preset, data=a.data,
-                            likelihood=a.likelihood, samples=a.samples, steps=a.steps, train_minutes=a.train_minutes,
+                            likelihood=a.likelihood, samples=a.samples, kl=a.kl, steps=a.steps, train_minutes=a.train_minutes,
                             micro_batch=a.micro_batch,
                             z_dim=a.z_dim, k_max=a.k_max, mixture_components=a.mixture_components,
                             ray_address=a.ray_address, num_workers=a.num_workers, use_gpu=a.use_gpu, seed=a.seed)

@@ -173,6 +173,40 @@ def test_training_loss_parts() -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in iwae.parameters())
 
 
+def test_analytic_kl_has_the_mc_forms_expectation_and_less_variance() -> None:
+    """kl='analytic' (M = 1): the same negative ELBO in expectation as the log-weight form, with
+    a smaller spread over the noise, for the loss and for its gradient; refused for M > 1."""
+    x = bernoulli_mixture_data(64, D=16, seed=3).double()
+    torch.manual_seed(0)
+    mc = VAE(VAEConfig(x_dim=16, z_dim=4, hidden=(16,), samples=1)).double()
+    an = VAE(VAEConfig(x_dim=16, z_dim=4, hidden=(16,), samples=1, kl="analytic")).double()
+    an.load_state_dict(mc.state_dict())
+    with torch.no_grad():  # a non-trivial posterior: means away from 0, scales away from 1
+        mc.encoder[-1].bias.copy_(torch.linspace(-1.0, 1.0, 8, dtype=torch.float64))
+        an.encoder[-1].bias.copy_(mc.encoder[-1].bias)
+    la, lm, ga, gm = [], [], [], []
+    for seed in range(400):
+        for model, losses, grads in ((an, la, ga), (mc, lm, gm)):
+            torch.manual_seed(seed)
+            model.zero_grad()
+            loss, parts = model.loss({"x": x})
+            loss.backward()
+            losses.append(float(loss))
+            grads.append(model.encoder[-1].bias.grad.clone())
+    la, lm = torch.tensor(la), torch.tensor(lm)
+    se = math.sqrt(float(la.var()) / len(la) + float(lm.var()) / len(lm))
+    assert abs(float(la.mean() - lm.mean())) < 4 * se, (float(la.mean()), float(lm.mean()), se)
+    assert float(la.std()) < 0.8 * float(lm.std())
+    ga, gm = torch.stack(ga), torch.stack(gm)
+    assert torch.allclose(ga.mean(0), gm.mean(0), atol=float(4 * (gm.std(0) / math.sqrt(400)).max()))
+    assert float(ga.var(0).sum()) < float(gm.var(0).sum())
+    assert "kl" in an.loss({"x": x})[1] and "kl" not in parts  # parts: the mc model's, last
+    with pytest.raises(ValueError, match="only applies to the M = 1 ELBO"):
+        VAEConfig(samples=5, kl="analytic")
+    with pytest.raises(ValueError, match="choose 'mc'"):
+        VAEConfig(kl="exact")
+
+
 # ---------------------------------------------------------------- a VAE never beats the truth
 def test_gaussian_vae_nll_not_below_true_density() -> None:
     p = random_ppca(D=6, dz=2, s2=0.2, seed=11)
