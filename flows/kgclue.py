@@ -386,6 +386,8 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
                                             "weighted_sum"), help="add the finetune-multitask stage with this rule")
     ap.add_argument("--density", action="store_true",
                     help="add the density stage (VAE on question encodings, log q(x), AUROC vs corrupted)")
+    ap.add_argument("--density-steps", type=int, help="cap on the density VAE's steps (default: the preset's; "
+                                                      "it stops early on its validation split)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     return KgcluePipelineConfig(preset=a.preset, out=a.out, data_dir=a.data_dir, kb=a.kb, kb_protocol=a.kb_protocol,
@@ -397,6 +399,7 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
                                 beam=a.beam, lookahead=not a.no_lookahead, lookahead_rule=a.lookahead_rule,
                                 rerank=not a.no_rerank,
                                 ranker_steps=a.ranker_steps, rankers=a.rankers, multitask=a.multitask, density=a.density,
+                                density_steps=a.density_steps,
                                 seed=a.seed)
 
 

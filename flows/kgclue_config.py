@@ -15,17 +15,18 @@ from flows._cli import DataDir, InputFile
 PRESETS = {
     #        model size, steps, micro batch/worker, lr, warmup, dev questions evaluated (None: all),
     #        re-ranker: steps, groups of candidates per worker and step, lr, ensemble size (seeds),
-    #        validation slice questions scored per choice (None: all), ZeRO stage, GPU required
+    #        validation slice questions scored per choice (None: all), ZeRO stage, GPU required,
+    #        density stage: the question-encoding VAE's step cap (early stopping on its validation split)
     "tiny": dict(multitask_steps=100, model="tiny", steps=600, micro_batch=32, lr=2e-3, warmup=30, eval_limit=None, test_limit=None,
                  ranker_steps=300, ranker_micro_batch=16, ranker_lr=1e-3, rankers=1, val_limit=300,
-                 zero_stage=1, gpu=False),
+                 zero_stage=1, gpu=False, density_steps=6000),
     "base": dict(multitask_steps=300, model="base", steps=1200, micro_batch=32, lr=1e-3, warmup=100, eval_limit=None, test_limit=None,
                  ranker_steps=3000, ranker_micro_batch=16, ranker_lr=1e-3, rankers=3, val_limit=None,
-                 zero_stage=1, gpu=False),
+                 zero_stage=1, gpu=False, density_steps=12000),
     # The 104M model of models/seq2seq.PRESETS["gpu"] on GPU workers: bf16 + NCCL + ZeRO-2.
     "gpu": dict(multitask_steps=500, model="gpu", steps=3000, micro_batch=128, lr=5e-4, warmup=200, eval_limit=None, test_limit=None,
                 ranker_steps=3000, ranker_micro_batch=64, ranker_lr=5e-4, rankers=3, val_limit=None,
-                zero_stage=2, gpu=True),
+                zero_stage=2, gpu=True, density_steps=12000),
 }
 METRIC_KEYS = ("score", "em_s", "em_p", "em_o", "em_all", "f1_s", "f1_p", "f1_o", "f1_all", "n_eval")
 RAY_CONNECT_TIMEOUT_S = 0.5
@@ -77,6 +78,8 @@ class KgcluePipelineConfig(BaseModel):
                           "better of fine-tuned and original on the validation slice goes to evaluation")
     density: bool = Field(False, description="the density stage: a VAE on the encoder's question encodings, "
                                              "log q(x) per question, AUROC vs corrupted questions")
+    density_steps: int | None = Field(None, ge=1, description="override the preset's cap on the density VAE's "
+                                                              "training steps (it stops early on its validation split)")
     seed: int = 0
     max_failures: int = Field(2, ge=0, le=100)
 
@@ -144,7 +147,7 @@ class KgcluePipelineConfig(BaseModel):
 
     def preset_values(self) -> dict:
         p = dict(PRESETS[self.preset])
-        for name in ("steps", "ranker_steps", "rankers", "micro_batch", "zero_stage"):
+        for name in ("steps", "ranker_steps", "rankers", "micro_batch", "zero_stage", "density_steps"):
             if getattr(self, name) is not None:
                 p[name] = getattr(self, name)
         if self.global_batch is not None:

@@ -37,7 +37,7 @@ def test_pipeline_writes_metrics_predictions_and_artifacts(first_run):
     # the look-ahead rule too: both conventions scored on the slice, the better one used
     rules = v["lookahead_val_scores"]
     assert set(rules) == {"ours", "reference"} and rules[v["lookahead"]] == max(rules.values())
-    assert v["val_scores"]["0"] == rules[v["lookahead"]]  # the beam alone with the chosen rule
+    assert metrics["lookahead"] == v["lookahead"]  # the rule chosen on the slice is the one used on dev
     assert metrics["cpu"] and isinstance(metrics["ranker_cpu_bf16"], bool)
     # under the mini-KB protocol test's subjects are not in the KB: no leaderboard file is written
     assert metrics["leaderboard_file"] is False and not (cfg.out / "eval" / "kgclue_predict.json").exists()
@@ -95,6 +95,26 @@ def test_export_checkpoint_picks_the_generator_beside_rankers_and_writes_atomica
     wrong = subprocess.run([sys.executable, str(script), str(cfg.out), str(tmp_path / "x"), "--task", "nothing"],
                            capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "runs there:" in wrong.stderr
+
+
+def test_train_seq2seq_flow_reuses_the_model_and_publishes_its_report(first_run):
+    """The train-seq2seq flow on the first run's inputs: the same content-named run, so no
+    training, and its markdown report and the run's identity reach Prefect."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.kgclue import train_seq2seq_flow
+    cfg, metrics = first_run
+    stamp = (cfg.out / "model" / "model.pt").stat().st_mtime_ns
+    state = train_seq2seq_flow(cfg, return_state=True)
+    m = state.result()
+    assert m["run_name"] == metrics["run_name"] and (cfg.out / "model" / "model.pt").stat().st_mtime_ns == stamp
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))}
+    assert "train-seq2seq-report" in arts
+    report = str(arts["train-seq2seq-report"].data)
+    assert m["run_name"] in report and "accelerator cpu" in report and "ZeRO 1" in report
 
 
 def test_from_run_evaluates_against_another_kb_and_eval_file(first_run, sample, tmp_path):
@@ -181,7 +201,7 @@ def test_density_stage_scores_every_question_and_separates_corrupted_ones(first_
     cfg, _ = first_run
     out = tmp_path / "density"
     m = kgclue_pipeline(KgcluePipelineConfig(preset="tiny", out=out, data_dir=sample, from_run=cfg.out,
-                                             rerank=False, density=True))
+                                             rerank=False, density=True, density_steps=300))
     d = json.loads((out / "density" / "density.json").read_text())
     table = pq.read_table(out / "eval" / "density.parquet").to_pylist()
     assert len([r for r in table if r["split"] == "dev"]) == 40 and len(table) == 60
@@ -190,6 +210,7 @@ def test_density_stage_scores_every_question_and_separates_corrupted_ones(first_
     assert all(0.0 <= c["auroc"] <= 1.0 for c in d["auroc"]) and m["density_auroc"]["random_chars"] > 0.5
     assert sum(r["n"] for r in d["deciles"]) == 40
     assert (out / "density" / "model" / "manifest.json").is_file()
+    assert d["vae_steps"] <= 300  # the cap from the config (early stopping may end it sooner)
 
 
 def test_finetune_multitask_stage_warm_starts_and_the_validation_slice_decides(prefect_harness, ray_local, tmp_path):
