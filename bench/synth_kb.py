@@ -50,7 +50,8 @@ def heavy_tailed_degrees(rng: np.random.Generator, n_ent: int, n_tri: int) -> np
     degree = 1 + rng.poisson(lam, n_ent)
     degree[hub] = hub_deg
     # exact triple count: the Poisson draw's surplus is taken one triple at a time from random
-    # non-hub entities that keep at least one (a shortfall goes to the last entity)
+    # non-hub entities that keep at least one; a shortfall is spread over random non-hub
+    # entities one triple each (never piled on one entity, which would make a fake hub)
     excess = int(degree.sum()) - n_tri
     while excess > 0:
         can = np.flatnonzero(~hub & (degree > 1))
@@ -59,7 +60,10 @@ def heavy_tailed_degrees(rng: np.random.Generator, n_ent: int, n_tri: int) -> np
         take = rng.choice(can, size=min(excess, can.size), replace=False)
         degree[take] -= 1
         excess -= take.size
-    degree[-1] += max(0, n_tri - int(degree.sum()))
+    short = n_tri - int(degree.sum())
+    if short > 0:
+        rest = np.flatnonzero(~hub) if (~hub).any() else np.arange(n_ent)
+        np.add.at(degree, rng.choice(rest, size=short, replace=short > rest.size), 1)
     return degree
 
 

@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "list":
         width = max(map(len, flows))
-        for name, (module, line, *_) in flows.items():
-            print(f"{name:<{width}}  python -m {module:<24} {line}")
+        for name, (module, line, *entry) in flows.items():
+            how = f"trieflow run {name}" if entry else f"python -m {module}"
+            print(f"{name:<{width}}  {how:<34} {line}")
         return 0
     if argv[0] != "run" or len(argv) < 2:
         print(f"trieflow: unknown command {' '.join(argv)!r}; use 'trieflow list' or 'trieflow run FLOW [ARGS]'",

@@ -6,7 +6,8 @@ model); p(z|x) is the encoder, "purely an importance-weighting function". One lo
     lw = log q(x|z) + log q(z) - log p(z|x),        z ~ p(z|x),
 
 and log q(x) = log E_p[exp lw]. Training minimises the negative M-sample bound
--(logsumexp_m lw_m - log M) (M = 1: the plain single-sample VAE loss, no analytic KL);
+-(logsumexp_m lw_m - log M) (M = 1: the plain single-sample VAE loss; with ``kl="analytic"`` its KL term is taken in
+closed form, the same expectation with less variance);
 evaluation (:func:`log_px`) uses the same estimator with K = 5000 under no_grad, streamed over
 chunks of K with a running logsumexp, and reports per example a delta-method standard error.
 

@@ -25,5 +25,10 @@ def test_plain_torch_side_reports_the_trainers_windows(tmp_path):
     data_dir, vocab_dir = map(str, prepare_training_set(tmp_path, None, n_train=200, n_dev=10, n_test=5))
     spec = TrainSpec(data_dir=data_dir, vocab_dir=vocab_dir, model=dict(PRESETS["tiny"]), steps=12, micro_batch=4,
                      num_workers=2, checkpoint_every=12, seed=0)
-    r = plain_torch(spec, warmup=0, threads=1)
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        r = plain_torch(spec, warmup=0, threads=1)
+    finally:
+        torch.set_num_threads(threads)
     assert (r["windows"], r["window_steps"]) == (2, PROGRESS_EVERY) and r["tokens_per_s"] > 0

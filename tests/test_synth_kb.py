@@ -20,6 +20,10 @@ def test_degrees_have_hubs_and_sum_exactly():
     # a heavy tail, not Poisson: the hubs (0.03% of entities) carry several percent of the triples
     assert d[hubs].sum() / n_tri > 0.02
     assert np.median(d[~hubs]) <= 7  # the rest: 1 + Poisson around the official mean
+    assert d[~hubs].max() < 40  # neither the surplus nor a shortfall piles triples on one entity
+    for seed in range(6):  # both signs of the Poisson error occur over seeds; the count is exact
+        d = heavy_tailed_degrees(np.random.default_rng(seed), 20_000, 131_700)
+        assert d.sum() == 131_700 and d.min() >= 1 and d[d < HUB_LO].max() < 40
 
 
 def test_generate_writes_the_counts_it_reports_with_homonyms_and_gold_hubs(tmp_path):

@@ -101,6 +101,29 @@ def test_accelerator_and_backend_follow_use_gpu(prepared):
     assert gpu.run_name() != cpu.run_name()
 
 
+def test_make_optimizer_is_adamw_with_the_specs_settings():
+    """The trainer's optimizer (fused AdamW) takes the spec's lr and weight decay and makes the
+    same updates as torch's reference AdamW loop, weight decay included."""
+    from tasks.train import make_optimizer
+    spec = TrainSpec(data_dir="d", vocab_dir="v", lr=3e-3, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(300, generator=g)), torch.nn.Parameter(torch.randn(7, 5, generator=g))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt = make_optimizer(a, spec)
+    ref = torch.optim.AdamW(b, lr=3e-3, weight_decay=0.1, foreach=False)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["fused"]) == (3e-3, 0.1, True)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in a]
+        for p, q, gr in zip(a, b, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(a[0].detach(), torch.randn(300, generator=torch.Generator().manual_seed(0)))
+
+
 def test_validation_keeps_the_best_model_and_stops_early(ray_local, prepared, tmp_path):
     """A validation pass every 5 steps on the held-out relations: an absurd learning rate makes
     the validation loss worse after the first pass, so patience 2 stops the run at step 15, and
