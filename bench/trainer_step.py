@@ -7,7 +7,7 @@ Shows where a small model's step goes on a 2-core machine: if doubling the rows 
 step time, the step is overhead-bound (all-reduce, optimizer, engine) and a larger batch is
 nearly free. ``ms_per_step`` is the whole loop (validations every 1,000 steps and the final
 checkpoint included) over its steps; ``median_items_per_s`` the median of the 5-step progress
-windows after step 200. This machine drifts ±15% between runs: compare configs of one run.
+windows after step 200 (``bench.train_throughput.timed_rate``). This machine drifts ±15% between runs: compare configs of one run.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     import flows  # noqa: F401  (embedded defaults)
-    import numpy as np
 
+    from bench.train_throughput import timed_rate
     from bench.vae_mnist import base_spec
     from tasks.hw import cpu_label
     from tasks.train import train
@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
                        micro_batch=mb, checkpoint_every=a.steps)
         with tempfile.TemporaryDirectory() as tmp:
             r = train(spec, tmp)
-        rates = [h["tokens_per_s"] for h in r.history if "tokens_per_s" in h and h["step"] > 200]
+        rate, _ = timed_rate(r.history, warmup=200)  # bench.train_throughput's one measure
         rows.append({"zero_stage": zero, "rows_per_worker": mb, "steps": r.steps, "loop_s": round(r.loop_s, 1),
                      "ms_per_step": round(1000 * r.loop_s / r.steps, 2),
-                     "median_items_per_s": round(float(np.median(rates))), "final_loss": round(r.final_loss, 3)})
+                     "median_items_per_s": round(rate), "final_loss": round(r.final_loss, 3)})
         print(rows[-1], flush=True)
     base = rows[0]["ms_per_step"]
     for r in rows:

@@ -174,6 +174,7 @@ MEASURES = {"ours": measure_ours, "nested": measure_nested, "marisa": measure_ma
 # --------------------------------------------------------------------------- driver
 def run(scale_name: str, work: Path, baseline_triples: int, latency_keys: int) -> dict:
     from bench.synth_kb import generate
+    from tasks.hw import cpu_label
     work.mkdir(parents=True, exist_ok=True)
     scale = SCALES[scale_name]
     kb = work / f"kb-{scale_name}.txt"
@@ -191,7 +192,7 @@ def run(scale_name: str, work: Path, baseline_triples: int, latency_keys: int) -
     return {
         "bench": "trie", "scale": scale_name, "kb": json.loads(meta_path.read_text()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "cpu": _cpu_label()},
+                    "cpu": cpu_label()},
         "keys": ours["keys"], "ours": ours, "ours_at_baseline_scale": same,
         "nested_dict": nested, "marisa": marisa,
         "allowed_p50_us": ours["allowed_step_p50_us"], "allowed_p99_us": ours["allowed_step_p99_us"],
@@ -199,11 +200,6 @@ def run(scale_name: str, work: Path, baseline_triples: int, latency_keys: int) -
                    "marisa_over_ours_bytes_per_key": round(marisa["bytes_per_key"] / same["bytes_per_key"], 2),
                    "nested_dict_extrapolated_full_gib": round(nested["bytes_per_key"] * ours["keys"] / 2**30, 1)},
     }
-
-
-def _cpu_label() -> str:
-    from tasks.hw import cpu_label
-    return cpu_label()
 
 
 def main(argv: list[str] | None = None) -> int:

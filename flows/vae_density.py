@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (--data ../shared/data/binarized-mnist/binarized_mnist.npz). Sized for <= 30 wall-minutes of
     # training on a 2-core CPU through this trainer (2 workers x 1 thread, DeepSpeed on gloo).
     # The step is overhead-bound (all-reduce, optimizer, engine): on the AVX2 EPYC of 2026-12-07
-    # 2 x 100 rows cost ~1.2x the time of 2 x 50, so the preset takes 2 x 100 rows at lr 2e-3
+    # 2 x 100 rows cost 1.27x the time of 2 x 50 (bench/results/trainer-step.json), so the preset takes 2 x 100 rows at lr 2e-3
     # (a one-process probe at 20,000 equal steps, plain VAE with the analytic KL, valid NLL at
     # K = 500: batch 100 / lr 1e-3 97.96, batch 200 / lr 1e-3 96.09, batch 200 / lr 2e-3 93.31,
     # batch 200 / lr 3e-3 93.03, batch 400 / lr 2e-3 92.78). Until then: 2 x 50 rows, lr 1e-3

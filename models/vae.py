@@ -170,7 +170,8 @@ class VAE(nn.Module):
             rec = self.log_lik(x, mu + std * eps)[0]                                           # (B,)
             kl = 0.5 * (mu * mu + std * std - 1.0).sum(-1) - torch.log(std).sum(-1)             # (B,)
             loss = (kl - rec).mean()
-            return loss, {"elbo": float(loss.detach()), "iwae": float(loss.detach()), "kl": float(kl.detach().mean())}
+            v = float(loss.detach())  # M = 1: the ELBO is the bound
+            return loss, {"elbo": v, "iwae": v, "kl": float(kl.detach().mean())}
         eps = torch.randn((self.cfg.samples, *mu.shape), dtype=mu.dtype, device=mu.device)  # (M, B, dz)
         lw = log_weights(self, x, eps, (mu, std))                                              # (M, B)
         M = self.cfg.samples

@@ -382,9 +382,9 @@ class TrainResult:
 
 def make_optimizer(params, spec: TrainSpec):
     """The client optimizer DeepSpeed wraps: torch AdamW, its fused kernel (one pass over each
-    tensor). Under ZeRO-1/2 DeepSpeed hands it one flat fp32 partition; the per-element loop of
-    the default CPU implementation took ~9 ms per step for a 1.1M-element tensor on a 2-core AVX2
-    EPYC (the VAE's whole step is ~28 ms), the fused kernel 0.8 ms."""
+    tensor). Under ZeRO-1/2 DeepSpeed hands it one flat fp32 partition; on a 1.1M-element tensor
+    the default CPU loop took 5.0 ms per step on one thread of an AVX2 EPYC and the fused kernel
+    0.97 ms (``python -m bench.optimizer_step``, bench/results/optimizer-step.json)."""
     import torch
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
 

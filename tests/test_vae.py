@@ -191,7 +191,7 @@ def test_analytic_kl_has_the_mc_forms_expectation_and_less_variance() -> None:
             model.zero_grad()
             loss, parts = model.loss({"x": x})
             loss.backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             grads.append(model.encoder[-1].bias.grad.clone())
     la, lm = torch.tensor(la), torch.tensor(lm)
     se = math.sqrt(float(la.var()) / len(la) + float(lm.var()) / len(lm))
