@@ -10,15 +10,28 @@ import torch
 
 
 @torch.no_grad()
-def quantise(k: torch.Tensor, codebook: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Nearest code per key: k (B, H, T, D), codebook (H, S, D) -> codes (B, H, T) long."""
+def quantise(k: torch.Tensor, codebook: torch.Tensor, cells: int = 1 << 20) -> torch.Tensor:
+    """Nearest code per key: k (B, H, T, D), codebook (H, S, D) -> codes (B, H, T) long.
+
+    ‖c‖² − 2·k·c (‖k‖² dropped) by one fused GEMM per chunk of about ``cells`` distances into a
+    reused buffer: fresh (B, H, T, S) tensors cost more in page faults and separate passes than
+    the GEMM itself on CPU."""
+    B, H, T, D = k.shape
+    S = codebook.size(1)
     c = codebook.to(k.dtype)
-    c_sq = (c * c).sum(-1)[:, None, :]  # (H, 1, S)
-    out = []
-    for lo in range(0, k.size(2), chunk):  # bounded (B, H, chunk, S) distance tensor
-        d = c_sq - 2.0 * (k[:, :, lo:lo + chunk] @ c.transpose(-1, -2))  # ‖k‖² dropped
-        out.append(d.argmin(-1))
-    return torch.cat(out, dim=2) if out else torch.zeros(k.shape[:3], dtype=torch.long, device=k.device)
+    if B > 1:
+        c = c.repeat(B, 1, 1)  # (B·H, S, D): one batch entry per (b, h)
+    k2 = k.reshape(B * H, T, D)
+    c_sq = (c * c).sum(-1)[:, None, :]  # (B·H, 1, S)
+    c_t = c.transpose(1, 2)
+    rows = max(1, min(T, cells // max(1, B * H * S)))
+    buf = k.new_empty(B * H, rows, S)
+    out = torch.empty(B * H, T, dtype=torch.long, device=k.device)
+    for lo in range(0, T, rows):
+        hi = min(T, lo + rows)
+        d = torch.baddbmm(c_sq, k2[:, lo:hi], c_t, alpha=-2.0, out=buf[:, :hi - lo])
+        out[:, lo:hi] = d.argmin(-1)
+    return out.view(B, H, T)
 
 
 def gather_codes(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -27,25 +40,44 @@ def gather_codes(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return codebook[heads, codes]
 
 
+class _StraightThrough(torch.autograd.Function):
+    """C[z] forward, the identity backward to k: ``k + (C[z] − k).detach()`` without its two
+    full-size passes."""
+
+    @staticmethod
+    def forward(ctx, k, codebook, codes):
+        return gather_codes(codebook.to(k.dtype), codes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
 def straight_through(k: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """k̂ = C[z] in value, identity gradient to k."""
-    return k + (gather_codes(codebook.to(k.dtype), codes) - k).detach()
+    return _StraightThrough.apply(k, codebook.detach(), codes)
 
 
-def code_sums(v: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, n_block: int, n_code: int,
+def code_sums(v: torch.Tensor, w: torch.Tensor | None, codes: torch.Tensor, n_block: int, n_code: int,
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block, per-code sums of w·v and of w: v (B, H, T, D), w (B, 1|H, T), codes (B, H, T),
-    T = n_block·L -> (B, H, n_block, S, D), (B, H, n_block, S), in float32 at least."""
+    """Per-block, per-code sums of w·v and of w: v (B, H, T, D), w (B, 1|H, T) or None (all
+    ones), codes (B, H, T), T = n_block·L -> (B, H, n_block, S, D), (B, H, n_block, S), in
+    float32 at least."""
     B, H, T, D = v.shape
     L = T // n_block
     blk = torch.arange(T, device=v.device) // L  # (T,)
     rows = torch.arange(B * H, device=v.device)[:, None] * n_block + blk[None, :]  # (B·H, T)
     idx = (rows * n_code + codes.reshape(B * H, T)).reshape(-1)  # one cell per (b, h, block, code)
     acc = torch.promote_types(v.dtype, torch.float32)  # half-precision sums lose counts past 256
-    w = w.expand(B, H, T).to(acc)
-    vw = (v.to(acc) * w[..., None]).reshape(-1, D)
-    sums = vw.new_zeros(B * H * n_block * n_code, D).index_add(0, idx, vw)
-    counts = vw.new_zeros(B * H * n_block * n_code).index_add(0, idx, w.reshape(-1))
+    cells = B * H * n_block * n_code
+    if w is None:
+        vw = v.to(acc).reshape(-1, D)
+        counts = torch.bincount(idx, minlength=cells).to(acc)
+    else:
+        w = w.expand(B, H, T).to(acc)
+        vw = (v.to(acc) * w[..., None]).reshape(-1, D)
+        counts = vw.new_zeros(cells).index_add(0, idx, w.reshape(-1))
+    sums = vw.new_zeros(cells, D).index_add(0, idx, vw)
     return sums.view(B, H, n_block, n_code, D), counts.view(B, H, n_block, n_code)
 
 

@@ -359,3 +359,71 @@ def test_dead_fraction_restarts_rarely_used_codes() -> None:
     assert moved[0.9].any() and not moved[0.0].any()
     with pytest.raises(ValueError, match="dead_fraction"):
         layer(dead_fraction=1.0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4], ids=lambda r: f"{r}-row-groups")
+@pytest.mark.parametrize("slices", [1, 2, 5, 0], ids=lambda c: f"{c}-slice-chunks" if c else "kept")
+@pytest.mark.parametrize("causal,prev_block", [(True, True), (True, False), (False, True)],
+                         ids=["causal-two-block-window", "causal-one-block", "bidirectional"])
+def test_chunked_block_kernel_equals_dense(monkeypatch, slices: int, rows: int, causal: bool, prev_block: bool) -> None:
+    """Long inputs on CPU go through (head, block) slices a chunk at a time and the backward
+    recomputes the probabilities; chunks of 1, 2 and 5 slices (so chunks start mid-head and span
+    heads and batch rows; the bias, padding and rel_key terms are read as a shared row, a view or
+    a gather) give the dense answer and gradients, as does the one-chunk form that keeps them.
+    Causal blocks' queries go in 1, 2 or 4 row groups, each scoring only the window keys its
+    queries can see."""
+    import models.attention_vq as vqmod
+    two = causal and prev_block
+    W = 2 * L if two else L
+    monkeypatch.setattr(vqmod, "_CAUSAL_ROW_GROUPS", rows)
+    if slices:
+        monkeypatch.setattr(vqmod, "_KEEP_CELLS", 0)
+        monkeypatch.setattr(vqmod, "_CPU_CHUNK_CELLS", slices * L * (S + W))
+    n_slice = B * H * math.ceil(T / L)
+    assert vqmod._chunk_slices(n_slice, L * (S + W), torch.device("cpu")) == ((slices, False) if slices else (n_slice, True))
+    q, k, v, cb = inputs(seed=3, requires_grad=True)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 10:] = False
+    g = rand(B, H, T, D, seed=7)
+    for use_mask, use_rel in ((False, False), (True, False), (True, True)):
+        bias = rand(H, L, W, seed=5).requires_grad_(True)
+        rk = rand(H, 3 * L - 1, D, seed=11).requires_grad_(True) if use_rel else None
+        km = mask if use_mask else None
+        out = vq_attention(q, k, v, cb, block_len=L, causal=causal, key_mask=km, bias=bias,
+                           prev_block=prev_block, rel_key=rk)
+        ref = dense(q, k, v, cb, causal=causal, key_mask=km, bias=bias, block_ste=True,
+                    prev_block=prev_block, rel_key=rk)
+        assert rel_err(out, ref) < 1e-9, (use_mask, use_rel)
+        wrt = (q, k, v, bias) + ((rk,) if use_rel else ())
+        got = torch.autograd.grad((out * g).sum(), wrt)
+        want = torch.autograd.grad((ref * g).sum(), wrt)
+        for name, a, b in zip("q k v bias rel_key".split(), got, want):
+            assert rel_err(a, b) < 1e-9, (use_mask, use_rel, name)
+
+
+@pytest.mark.parametrize("cells", [1, 7 * S, 1 << 20])
+def test_quantise_in_chunks_is_the_nearest_code(cells: int) -> None:
+    k, cb = rand(B, H, T, D, seed=1), rand(H, S, D, seed=2)
+    want = ((k[:, :, :, None, :] - cb[None, :, None]) ** 2).sum(-1).argmin(-1)  # (B, H, T) brute force
+    assert torch.equal(quantise(k, cb, cells=cells), want)
+
+
+@pytest.mark.parametrize("causal,prev_block", [(True, True), (True, False), (False, True)],
+                         ids=["causal-two-block-window", "causal-one-block", "bidirectional"])
+def test_whole_blocks_without_padding_equal_dense(monkeypatch, causal: bool, prev_block: bool) -> None:
+    """T a multiple of block_len and no key_mask: code sums without key weights (the unweighted
+    path), values and gradients against the dense form, kept and chunked."""
+    import models.attention_vq as vqmod
+    n = 6 * L
+    q, k, v = (rand(B, H, n, D, seed=20 + i).requires_grad_(True) for i in range(3))
+    cb, g = rand(H, S, D, seed=29), rand(B, H, n, D, seed=27)
+    bias = rand(H, L, 2 * L if causal and prev_block else L, seed=5)
+    for keep_cells in (1 << 22, 0):
+        monkeypatch.setattr(vqmod, "_KEEP_CELLS", keep_cells)
+        out = vq_attention(q, k, v, cb, block_len=L, causal=causal, bias=bias, prev_block=prev_block)
+        ref = dense(q, k, v, cb, causal=causal, bias=bias, block_ste=True, prev_block=prev_block)
+        assert rel_err(out, ref) < 1e-9
+        got = torch.autograd.grad((out * g).sum(), (q, k, v))
+        want = torch.autograd.grad((ref * g).sum(), (q, k, v))
+        for name, a, b in zip("qkv", got, want):
+            assert rel_err(a, b) < 1e-9, (keep_cells, name)
