@@ -372,15 +372,15 @@ def test_chunked_block_kernel_equals_dense(monkeypatch, slices: int, rows: int, 
     a gather) give the dense answer and gradients, as does the one-chunk form that keeps them.
     Causal blocks' queries go in 1, 2 or 4 row groups, each scoring only the window keys its
     queries can see."""
-    import models.attention_vq as vqmod
+    import models.vq_kernel as vqmod
     two = causal and prev_block
     W = 2 * L if two else L
-    monkeypatch.setattr(vqmod, "_CAUSAL_ROW_GROUPS", rows)
+    monkeypatch.setattr(vqmod, "CAUSAL_ROW_GROUPS", rows)
     if slices:
-        monkeypatch.setattr(vqmod, "_KEEP_CELLS", 0)
-        monkeypatch.setattr(vqmod, "_CPU_CHUNK_CELLS", slices * L * (S + W))
+        monkeypatch.setattr(vqmod, "KEEP_CELLS", 0)
+        monkeypatch.setattr(vqmod, "CPU_CHUNK_CELLS", slices * L * (S + W))
     n_slice = B * H * math.ceil(T / L)
-    assert vqmod._chunk_slices(n_slice, L * (S + W), torch.device("cpu")) == ((slices, False) if slices else (n_slice, True))
+    assert vqmod.chunk_slices(n_slice, L * (S + W), torch.device("cpu")) == ((slices, False) if slices else (n_slice, True))
     q, k, v, cb = inputs(seed=3, requires_grad=True)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 10:] = False
@@ -413,13 +413,13 @@ def test_quantise_in_chunks_is_the_nearest_code(cells: int) -> None:
 def test_whole_blocks_without_padding_equal_dense(monkeypatch, causal: bool, prev_block: bool) -> None:
     """T a multiple of block_len and no key_mask: code sums without key weights (the unweighted
     path), values and gradients against the dense form, kept and chunked."""
-    import models.attention_vq as vqmod
+    import models.vq_kernel as vqmod
     n = 6 * L
     q, k, v = (rand(B, H, n, D, seed=20 + i).requires_grad_(True) for i in range(3))
     cb, g = rand(H, S, D, seed=29), rand(B, H, n, D, seed=27)
     bias = rand(H, L, 2 * L if causal and prev_block else L, seed=5)
     for keep_cells in (1 << 22, 0):
-        monkeypatch.setattr(vqmod, "_KEEP_CELLS", keep_cells)
+        monkeypatch.setattr(vqmod, "KEEP_CELLS", keep_cells)
         out = vq_attention(q, k, v, cb, block_len=L, causal=causal, bias=bias, prev_block=prev_block)
         ref = dense(q, k, v, cb, causal=causal, bias=bias, block_ste=True, prev_block=prev_block)
         assert rel_err(out, ref) < 1e-9
