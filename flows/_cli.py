@@ -5,7 +5,9 @@ the file, line, reason and fix, is the last stderr output), 2 invalid parameters
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -15,6 +17,17 @@ from pydantic import AfterValidator
 from tasks.kb import KbFormatError
 from tasks.kgclue_data import DataQualityError
 from tasks.storage import IncompleteOutput
+
+def json_object(text: str) -> dict:
+    """An argparse ``type``: a JSON object (option maps such as ``--attention-options``)."""
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at column {e.colno}): {text!r}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"rel_key\": true}}', got {text!r}")
+    return v
+
 
 def _dir(v: Path | None) -> Path | None:
     if v is not None and not v.is_dir():

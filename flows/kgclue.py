@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 
-from flows._cli import run_cli
+from flows._cli import json_object, run_cli
 from flows.kgclue_config import METRIC_KEYS, PRESETS, KgcluePipelineConfig, ray_host_port  # noqa: F401
 from tasks import reporting
 from tasks.minikb import MiniKbConfig
@@ -341,16 +341,6 @@ def kgclue_pipeline(config: KgcluePipelineConfig) -> dict:
     return metrics
 
 
-def _json_object(text: str) -> dict:
-    try:
-        v = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at column {e.colno}): {text!r}") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"rel_key\": true}}', got {text!r}")
-    return v
-
-
 def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
     ap = argparse.ArgumentParser(prog="python -m flows.kgclue", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -366,7 +356,7 @@ def parse_args(argv: list[str] | None = None) -> KgcluePipelineConfig:
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument("--attention", choices=("softmax", "vq", "performer"), default="softmax",
                     help="self-attention kind of the generator")
-    ap.add_argument("--attention-options", type=_json_object, default={},
+    ap.add_argument("--attention-options", type=json_object, default={},
                     help='that kind\'s options as JSON, e.g. \'{"rel_key": true, "dead_fraction": 0.01}\' for vq')
     ap.add_argument("--cpu-precision", choices=("auto", "on", "off"), default="auto",
                     help="re-ranker bf16 autocast on CPU (auto: only with native bf16)")

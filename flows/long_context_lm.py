@@ -45,7 +45,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flows._cli import InputFile, run_cli
+from flows._cli import InputFile, json_object, run_cli
 from models.attention_pattern import PATTERNS, hwfa_default_window, layer_kinds
 from tasks import reporting
 from tasks.kgclue_data import DataQualityError
@@ -109,6 +109,8 @@ class LongContextConfig(BaseModel):
     ray_address: str | None = Field(None, description="Ray cluster address; None: local Ray (or RAY_ADDRESS)")
     num_workers: int = Field(2, ge=1, le=1024)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="training seed (the corpus split is fixed)")
+    attention_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per kind, options laid over the preset's, e.g. {'vq': {'exact_window': true}}")
     max_failures: int = Field(2, ge=0, le=100)
 
     @field_validator("compare", mode="before")
@@ -139,7 +141,20 @@ class LongContextConfig(BaseModel):
                              f"training would wait for CPUs forever; lower --num-workers or give --ray-address")
         p = PRESETS[self.preset]
         layer_kinds(self.attention, p["n_layer"], p["train_len"])  # the pattern builds (n_layer >= 2 for hwfa)
+        stray = sorted(set(self.attention_options) - set(self.kinds()))
+        if stray:
+            raise ValueError(f"attention_options name {stray}, which this run does not train ({list(self.kinds())}); "
+                             f"key the options by a trained kind, e.g. {{\"vq\": {{\"exact_window\": true}}}}")
+        for kind in self.attention_options:  # unknown or bad options fail here, not in a training worker
+            from models.lm import LM, LMConfig
+            LM(LMConfig(vocab_size=256, d_model=p["d_model"], n_head=p["n_head"], n_layer=p["n_layer"],
+                        d_ff=p["d_ff"], train_len=p["train_len"], pattern=kind,
+                        attention_options={kind: self.kind_options(kind)}))
         return self
+
+    def kind_options(self, kind: str) -> dict[str, Any]:
+        """The preset's options for ``kind`` with this run's ``attention_options`` laid over them."""
+        return {**PRESETS[self.preset]["options"].get(kind, {}), **self.attention_options.get(kind, {})}
 
     def kinds(self) -> tuple[str, ...]:
         return self.compare or (self.attention,)
@@ -192,8 +207,9 @@ def train_spec(cfg: LongContextConfig, kind: str) -> dict[str, Any]:
     p = cfg.preset_values()
     model = {k: p[k] for k in ("d_model", "n_head", "n_layer", "d_ff", "train_len")}
     model["pattern"] = kind
-    if kind in p["options"]:  # only this kind's options: another kind's options never change its run name
-        model["attention_options"] = {kind: dict(p["options"][kind])}
+    opts = cfg.kind_options(kind)
+    if opts:  # only this kind's options: another kind's options never change its run name
+        model["attention_options"] = {kind: opts}
     spec = TrainSpec(task="lm", data={"corpus": str((cfg.out / "corpus").resolve()), "seq_len": p["train_len"]},
                      model=model, steps=p["steps"], micro_batch=p["micro_batch"], lr=p["lr"], warmup=p["warmup"],
                      zero_stage=1, num_workers=cfg.num_workers, seed=cfg.seed,
@@ -408,11 +424,13 @@ def parse_args(argv: list[str] | None = None) -> LongContextConfig:
     ap.add_argument("--ray-address", help="Ray cluster address (default: local Ray, or RAY_ADDRESS)")
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attention-options", type=json_object, default={},
+                    help='per kind, options over the preset\'s, as JSON: \'{"vq": {"exact_window": true}}\'')
     a = ap.parse_args(argv)
     given = {k: v for k, v in dict(attention=a.attention, compare=a.compare, corpus=a.corpus, steps=a.steps,
                                    eval_tokens=a.eval_tokens, ray_address=a.ray_address).items() if v is not None}
     return LongContextConfig(preset=a.preset, out=a.out or Path("runs/long-context-lm") / a.preset, column=a.column,
-                             num_workers=a.num_workers, seed=a.seed, **given)
+                             num_workers=a.num_workers, seed=a.seed, attention_options=a.attention_options, **given)
 
 
 def _stop_ray() -> None:

@@ -34,6 +34,11 @@ Transformer-XL term): a scalar bias cannot say "this query looks for the byte 3 
 (base long-context LM: 3.03 → 2.56 bits per byte at N, with ``dead_fraction``). Keys before the
 window carry no position (as in the paper's cache term).
 
+``exact_window`` (off by default; a variant of the paper's form, say so when reporting it): the
+explicit window scores the exact keys, so near context is plain softmax attention and only keys
+before the window are seen through their codes (jointly normalised, same cost and O(S·D) decoding
+state; the window's cache holds exact keys). Quantisation then costs only the far context.
+
 Scale: with ``qk_norm`` (default) q and k are layer-normalised per head, no gain or bias (the
 official code's q_ln / k_ln), before quantisation and the 1/√D scores: bounded keys keep the
 quantisation error bounded. Without it keys drift in norm and the earlier-block context decays
@@ -106,7 +111,7 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
                  block_len: int, causal: bool = True, key_mask: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, codes: torch.Tensor | None = None,
                  grad_thru_cache: bool = True, prev_block: bool = True,
-                 rel_key: torch.Tensor | None = None) -> torch.Tensor:
+                 rel_key: torch.Tensor | None = None, exact_window: bool = False) -> torch.Tensor:
     """Softmax attention of q against the quantised keys, scale 1/√D, in time linear in T.
 
     q, k, v (B, H, T, D), any T; codebook (H, S, D). Optional: key_mask (B, T) True = real key;
@@ -117,8 +122,10 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     keys, then block n's), else (H, L, L). Without a bias the result does not depend on the
     window: it is softmax over all quantised keys. ``rel_key`` (H, 3·block_len − 1, D): a
     query-dependent relative key term (Shaw et al.), r_h(d) for d = i − j from −(L−1) to 2L−1
-    (index d + L − 1): a window score becomes q·(k̂_j + r_h(i − j))/√D (+ bias). Returns
-    (B, H, T, D).
+    (index d + L − 1): a window score becomes q·(k̂_j + r_h(i − j))/√D (+ bias).
+    ``exact_window`` (a variant, not the paper's form): the explicit window scores the exact
+    keys k_j instead of k̂_j (and sends them their exact gradient); keys before the window still
+    enter through their codes, jointly normalised. Same cost. Returns (B, H, T, D).
     """
     B, H, T, D = q.shape
     S, L = codebook.size(1), block_len
@@ -130,7 +137,7 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     codes = quantise(k, cb) if codes is None else codes
     w = (torch.ones(B, 1, T, dtype=q.dtype, device=q.device) if key_mask is None
          else key_mask[:, None, :].to(q.dtype))  # (B, 1, T) key weights
-    if not causal and bias is None and rel_key is None:  # exp(QCᵀ)(ΔᵀV), normalised: no blocks needed
+    if not causal and bias is None and rel_key is None and not exact_window:  # exp(QCᵀ)(ΔᵀV), normalised
         vsum, count = code_sums(v, w, codes, 1, S)  # (B, H, 1, S, D), (B, H, 1, S)
         if not grad_thru_cache:
             vsum = vsum.detach()
@@ -147,8 +154,8 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     L_rel = block_len  # rel_key's index origin: d + block_len − 1
     n = max(1, math.ceil(T / L))
     T_pad = n * L
-    k_hat = straight_through(k, cb, codes)
-    qp, kp, vp = (_pad_time(x, T_pad) for x in (q, k_hat, v))  # (B, H, T_pad, D); q unscaled
+    k_win = k if exact_window else straight_through(k, cb, codes)  # the explicit window's keys
+    qp, kp, vp = (_pad_time(x, T_pad) for x in (q, k_win, v))  # (B, H, T_pad, D); q unscaled
     wp, zp = _pad_time(w, T_pad), _pad_time(codes, T_pad)  # padded keys have weight 0
     vsum, count = code_sums(vp, wp if key_mask is not None or T_pad > T else None, zp, n, S)  # (B, H, n, S, D), (B, H, n, S)
     two = causal and prev_block  # the explicit window: blocks n-1 and n
@@ -205,13 +212,13 @@ class VQAttention(nn.Module):
                  block_len: int = 512, commit_beta: float = 1e-4, ema_decay: float = 0.99,
                  dead_threshold: float = 0.1, codebook_init: float = 1.0, rel_bias: bool = True,
                  grad_thru_cache: bool = True, qk_norm: bool = True, prev_block: bool = True,
-                 rel_key: bool = False, dead_fraction: float = 0.0, **options):
+                 rel_key: bool = False, dead_fraction: float = 0.0, exact_window: bool = False, **options):
         super().__init__()
         if options:
             raise ValueError(f"attention kind 'vq' takes no options {sorted(options)}; it knows "
                              "codebook_size, block_len, commit_beta, ema_decay, dead_threshold, "
                              "codebook_init, rel_bias, rel_key, grad_thru_cache, qk_norm, prev_block, "
-                             "dead_fraction")
+                             "dead_fraction, exact_window")
         if cross:
             raise ValueError("attention kind 'vq' cannot take the cross-attention role "
                              "(set attention_cross='softmax')")
@@ -224,7 +231,7 @@ class VQAttention(nn.Module):
         if not 0.0 <= dead_fraction < 1.0:
             raise ValueError(f"vq dead_fraction must be in [0, 1), got {dead_fraction}")
         self.commit_beta, self.ema_decay, self.dead_threshold = commit_beta, ema_decay, dead_threshold
-        self.dead_fraction = dead_fraction
+        self.dead_fraction, self.exact_window = dead_fraction, exact_window
         self.grad_thru_cache, self.qk_norm, self.prev_block = grad_thru_cache, qk_norm, prev_block
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
@@ -290,7 +297,7 @@ class VQAttention(nn.Module):
             y = vq_attention(q, k, v, self.codebook, block_len=self.block_len, causal=causal,
                              key_mask=key_mask, bias=self.block_bias(causal), codes=codes,
                              grad_thru_cache=self.grad_thru_cache, prev_block=self.prev_block,
-                             rel_key=self.rel_key)
+                             rel_key=self.rel_key, exact_window=self.exact_window)
         self.aux_loss = None
         if self.training:
             w = (torch.ones(B, 1, T, device=x.device) if key_mask is None
@@ -306,7 +313,7 @@ class VQAttention(nn.Module):
         if cache.length and cache.length % L == 0:
             cache.fold(self.n_code, self.prev_block)
         i = cache.length % L  # position inside the current block
-        cache.append(straight_through(k, self.codebook, codes), v, codes)
+        cache.append(k if self.exact_window else straight_through(k, self.codebook, codes), v, codes)
         cb = self.codebook.to(q.dtype)
         prev = self.prev_block and cache.k_prev is not None
         keys = torch.cat((cache.k_prev, cache.k), 2) if prev else cache.k  # (N, H, [L +] i+1, D)

@@ -17,7 +17,7 @@ class VQCache:
     def __init__(self) -> None:
         self.vsum: torch.Tensor | None = None  # (N, H, S, D)
         self.count: torch.Tensor | None = None  # (N, H, S)
-        self.k: torch.Tensor | None = None  # (N, H, l, D) quantised keys of the current block
+        self.k: torch.Tensor | None = None  # (N, H, l, D) the current block's keys (quantised, or exact: exact_window)
         self.v: torch.Tensor | None = None  # (N, H, l, D)
         self.codes: torch.Tensor | None = None  # (N, H, l)
         self.k_prev: torch.Tensor | None = None  # (N, H, L, D) the previous block (two-block window)

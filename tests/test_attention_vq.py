@@ -21,14 +21,15 @@ def rand(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, block_ste=False,
-          prev_block=True, rel_key=None):
+          prev_block=True, rel_key=None, exact_window=False):
     """O(T²) reference: softmax(q k̂ᵀ/√D [+ window bias]) v with k̂ = C[nearest code].
 
     The explicit window of a query in block n: block n, and block n−1 when causal and
     prev_block; bias (H, L, 2L) (columns: block n−1, block n) or (H, L, L) is added there.
     block_ste: k̂ carries the straight-through gradient only for pairs in the window (what the
     linear-time form can give); otherwise to every pair. rel_key (H, 3L−1, D): window pairs
-    score q_i·(k̂_j + r(i − j)), r indexed by the absolute offset i − j + L − 1.
+    score q_i·(k̂_j + r(i − j)), r indexed by the absolute offset i − j + L − 1. exact_window:
+    window pairs score the exact key k_j (with its own gradient) instead of k̂_j.
     """
     n = k.size(2)
     codes = quantise(k, codebook)
@@ -38,8 +39,9 @@ def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, b
     same = blk[:, None] == blk[None, :]  # (T, T)
     two = causal and prev_block
     window = same | (blk[:, None] - 1 == blk[None, :]) if two else same
-    s_ste = q @ ste.transpose(-1, -2)
-    s = torch.where(window, s_ste, q @ hard.detach().transpose(-1, -2)) if block_ste else s_ste
+    near = q @ (k if exact_window else ste).transpose(-1, -2)
+    far = q @ (hard.detach() if block_ste else ste).transpose(-1, -2)
+    s = torch.where(window, near, far) if block_ste or exact_window else near
     s = s / math.sqrt(q.size(-1))
     if bias is not None:
         i = torch.arange(n) % block_len
@@ -154,6 +156,41 @@ def test_gradients_match_dense(causal: bool) -> None:
     assert rel_err(got[1], full[1]) > 1e-3
 
 
+@pytest.mark.parametrize("causal,prev_block", [(True, True), (True, False), (False, True)],
+                         ids=["causal-two-block", "causal-one-block", "bidirectional"])
+def test_exact_window_variant_equals_dense_with_gradients(causal: bool, prev_block: bool) -> None:
+    """exact_window: exact keys in the explicit window, codes before it -- values and gradients
+    against the dense mixed-key softmax (bias, rel_key, padding); differs from the default form."""
+    q, k, v, cb = inputs(requires_grad=True)
+    two = causal and prev_block
+    bias = rand(H, L, 2 * L if two else L, seed=6).requires_grad_(True)
+    rk = rand(H, 3 * L - 1, D, seed=8).requires_grad_(True)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 17:] = False
+    g = rand(B, H, T, D, seed=7)
+    kw = dict(causal=causal, bias=bias, prev_block=prev_block, rel_key=rk, key_mask=mask)
+    out = vq_attention(q, k, v, cb, block_len=L, exact_window=True, **kw)
+    ref = dense(q, k, v, cb, exact_window=True, block_ste=True, **kw)
+    assert rel_err(out, ref) < 1e-9
+    got = torch.autograd.grad((out * g).sum(), (q, k, v, bias, rk))
+    want = torch.autograd.grad((ref * g).sum(), (q, k, v, bias, rk))
+    for name, a, b in zip("q k v bias rel_key".split(), got, want):
+        assert rel_err(a, b) < 1e-9, name
+    assert rel_err(vq_attention(q, k, v, cb, block_len=L, **kw), ref) > 1e-3  # the default quantises the window
+    if not causal:  # no bias: the blockless non-causal shortcut must not take the variant
+        plain = dict(causal=False, prev_block=prev_block)
+        assert rel_err(vq_attention(q, k, v, cb, block_len=L, exact_window=True, **plain),
+                       dense(q, k, v, cb, exact_window=True, **plain)) < 1e-9
+
+
+def test_exact_window_within_one_window_is_softmax_whatever_the_codebook() -> None:
+    """Every key inside the explicit window: the variant is exact softmax, the codes unused."""
+    q, k, v, cb = inputs()
+    for causal, block_len in ((True, 11), (False, T)):  # causal two-block window of 11: keys 0..21 seen
+        out = vq_attention(q, k, v, cb * 7.0, block_len=block_len, causal=causal, exact_window=True)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal), atol=1e-12, rtol=0)
+
+
 def test_truncated_gradient_option_stops_old_values() -> None:
     q, k, v, cb = inputs(requires_grad=True)
     out = vq_attention(q, k, v, cb, block_len=L, causal=True, grad_thru_cache=False)
@@ -208,10 +245,12 @@ def test_module_causality_jacobian() -> None:
     assert (per_pair.tril() > 0).sum() == 10 * 11 // 2  # every past input matters
 
 
-@pytest.mark.parametrize("prev_block,rel_key", [(True, False), (False, False), (True, True)],
-                         ids=["two-block-window", "one-block", "two-block-window-rel-key"])
-def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key: bool) -> None:
-    attn = layer(prev_block=prev_block, rel_key=rel_key).eval()
+@pytest.mark.parametrize("prev_block,rel_key,exact", [(True, False, False), (False, False, False),
+                                                      (True, True, False), (True, True, True), (False, False, True)],
+                         ids=["two-block-window", "one-block", "two-block-window-rel-key",
+                              "exact-window-rel-key", "exact-one-block"])
+def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key: bool, exact: bool) -> None:
+    attn = layer(prev_block=prev_block, rel_key=rel_key, exact_window=exact).eval()
     if rel_key:
         with torch.no_grad():
             attn.rel_key.copy_(rand(*attn.rel_key.shape, seed=12))

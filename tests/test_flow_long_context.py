@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.long_context_lm import MULTIPLES, LongContextConfig, long_context_lm
+from flows.long_context_lm import MULTIPLES, PRESETS, LongContextConfig, long_context_lm, parse_args, train_spec
 from tests.conftest import ROOT, stdlib_text
 
 KINDS = ("softmax", "hwfa")
@@ -79,6 +79,22 @@ def test_config_refuses_unknown_and_repeated_kinds():
         LongContextConfig(attention="vq", compare="softmax,hwfa")
     with pytest.raises(ValidationError, match="extra"):
         LongContextConfig(window=8)
+
+
+def test_attention_options_lay_over_the_preset_and_are_checked_up_front():
+    preset = PRESETS["base"]["options"]["vq"]
+    plain = train_spec(LongContextConfig(preset="base", attention="vq"), "vq")
+    assert plain["model"]["attention_options"] == {"vq": preset}
+    cfg = parse_args(["--preset", "base", "--attention", "vq", "--attention-options", '{"vq": {"exact_window": true}}'])
+    spec = train_spec(cfg, "vq")
+    assert spec["model"]["attention_options"] == {"vq": {**preset, "exact_window": True}}  # part of the run's name
+    assert train_spec(LongContextConfig(preset="base", attention="hwfa"), "hwfa")["model"].get("attention_options") is None
+    with pytest.raises(ValidationError, match="does not train"):
+        LongContextConfig(attention="hwfa", attention_options={"vq": {"exact_window": True}})
+    with pytest.raises(ValidationError, match="takes no options \\['exact_windw'\\]"):
+        LongContextConfig(attention="vq", attention_options={"vq": {"exact_windw": True}})
+    with pytest.raises(SystemExit):
+        parse_args(["--attention", "vq", "--attention-options", "[1]"])
 
 
 def test_cli_refuses_bad_attention_before_ray(tmp_path):
