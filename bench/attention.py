@@ -12,7 +12,10 @@ causal window of the default, ``vq1`` one block), performer is
 ``--linear-lengths`` (default 64k) are measured for the linear-time impls only. Every (impl, T)
 point runs in a fresh subprocess: its peak memory is the ru_maxrss growth (CUDA: the
 max_memory_allocated growth) over a baseline taken after imports and input allocation; its
-time is the median of ``--repeat`` runs after a warm-up. ``IMPLS`` is the table of contenders:
+time is the median of ``--repeat`` runs after a warm-up, with the minor page faults per call.
+``--allocator heap`` runs every point with glibc's freed blocks kept for reuse (``ALLOCATORS``),
+as a caching allocator would: with the default, tensors over 32 MB (8 heads × 64 × 16k tokens
+in fp32) are page-faulted in afresh at every call. ``IMPLS`` is the table of contenders:
 add an entry (setup, run) to benchmark another kind. Prints one JSON object; writes a log-log
 plot of time vs T.
 """
@@ -107,8 +110,35 @@ def _peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+# glibc malloc hands every block over its mmap threshold (at most 32 MB) back to the kernel on
+# free, so each fresh tensor above it is page-faulted in again, call after call (at 32k tokens one
+# (1, 8, T, 64) fp32 tensor is 64 MB). "heap" keeps freed blocks of any size for reuse (no mmap,
+# no trimming), as a caching allocator (jemalloc/tcmalloc, the usual advice for PyTorch on CPU)
+# would; every impl of a run gets the same setting.
+ALLOCATORS = {"default": {}, "heap": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}}
+
+
+def mmapped_bytes(mib: int = 64) -> int:
+    """Bytes glibc holds in mmapped blocks while a ``mib`` MiB tensor is alive (mallinfo2's
+    hblkhd): the tensor's size under glibc's defaults, 0 when large blocks come from the heap."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    x = torch.empty(mib * 2 ** 20 // 4)
+    held = libc.mallinfo2().hblkhd
+    del x
+    return held
+
+
 def measure_point(impl: str, seq_len: int, dtype: torch.dtype, device: torch.device, repeat: int) -> dict:
-    """fwd+bwd seconds (median after a warm-up) and peak memory growth of one (impl, T)."""
+    """fwd+bwd seconds (median after a warm-up), peak memory growth, and minor page faults per
+    timed call of one (impl, T)."""
     spec = IMPLS[impl]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, generator=g).to(device, dtype).requires_grad_(True)
@@ -129,16 +159,20 @@ def measure_point(impl: str, seq_len: int, dtype: torch.dtype, device: torch.dev
         return time.perf_counter() - t0
 
     once()  # warm-up: allocator, kernel selection
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = [once() for _ in range(repeat)]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return {"impl": impl, "seq_len": seq_len, "fwd_bwd_s": round(statistics.median(times), 5),
-            "peak_mem_mib": round((_peak_bytes(device) - base) / 2 ** 20, 1)}
+            "peak_mem_mib": round((_peak_bytes(device) - base) / 2 ** 20, 1),
+            "page_faults_per_call": round(faults / repeat)}
 
 
 def run_point_subprocess(impl: str, seq_len: int, args: argparse.Namespace) -> dict:
     """One point in a fresh interpreter (clean allocator and ru_maxrss)."""
     cmd = [sys.executable, "-m", "bench.attention", "--point", impl, str(seq_len), "--dtype", args.dtype,
            "--device", args.device, "--threads", str(args.threads), "--repeat", str(args.repeat)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               **ALLOCATORS[args.allocator])
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.point_timeout)
     if proc.returncode != 0:
         return {"impl": impl, "seq_len": seq_len, "fwd_bwd_s": None, "peak_mem_mib": None,
@@ -222,6 +256,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "attention.png")
+    ap.add_argument("--allocator", choices=tuple(ALLOCATORS), default="default",
+                    help="glibc malloc as configured (default) or freed blocks kept for reuse (heap): "
+                         "every impl of the run gets the same")
     ap.add_argument("--point-timeout", type=float, default=3600.0, help="seconds per (impl, T) subprocess")
     ap.add_argument("--point", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)  # the subprocess mode
     args = ap.parse_args()
@@ -248,7 +285,8 @@ def main() -> None:
             results.append(r)
     info = machine(args.threads, device)
     doc = {"machine": info, "config": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": args.dtype,
-                                       "causal": True, "repeat": args.repeat, "vq": {"codebook_size": 512, "block_len": 512},
+                                       "causal": True, "repeat": args.repeat, "allocator": args.allocator,
+                                       "allocator_env": ALLOCATORS[args.allocator], "vq": {"codebook_size": 512, "block_len": 512},
                                        "performer": {"nb_features": 256},
                                        "window": {"window": WINDOW}},
            "results": results, "ratios": ratios(results)}

@@ -9,9 +9,10 @@ with exp2 (log2 e folded into the GEMMs: torch's exp takes a slow path for under
 ~6 ns per element against 0.5), causal blocks skip the empty corner of the causal triangle
 (``CAUSAL_ROW_GROUPS``), and the cross-block sums are a loop of adds (torch's cumsum over a
 middle dim ran at ~10 ns per element). What is left at 8k is the FLOP count: per query S code
-scores at 6 GEMM passes and ~W − L/4 window scores at 7, against causal SDPA's ~T/2 at 7; and,
-past ~32 MB per tensor (32k tokens with 8 heads × 64), the page faults of each fresh
-full-size tensor, which glibc no longer recycles.
+scores at 6 GEMM passes and ~W − L/4 window scores at 7, against causal SDPA's ~T/2 at 7, and
+the memory-bound passes between the GEMMs. (The page faults of fresh full-size tensors past
+glibc's 32 MB mmap threshold cost little here: keeping freed blocks for reuse moved 32k tokens
+by ~5%; see ``bench.attention --allocator heap``.)
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
-from bench.attention import IMPLS, LINEAR_IMPLS, ratios
+import os
+
+from bench.attention import ALLOCATORS, IMPLS, LINEAR_IMPLS, ratios
 from tests.conftest import ROOT
 
 
@@ -21,6 +23,8 @@ def test_bench_runs_every_impl_and_skips_sdpa_at_linear_only_lengths(tmp_path):
     want = {(i, n) for i in IMPLS for n in (128, 256)} | {(i, 512) for i in IMPLS if i in LINEAR_IMPLS}
     assert got == want
     assert all(x.get("fwd_bwd_s") and x["fwd_bwd_s"] > 0 for x in doc["results"]), doc["results"]
+    assert all(x["page_faults_per_call"] >= 0 for x in doc["results"])
+    assert doc["config"]["allocator"] == "default" and doc["config"]["allocator_env"] == {}
     assert doc["machine"]["cpu"] and doc["config"]["window"]["window"] > 0
     assert set(doc["ratios"]["sdpa_over_window"]) == {"128", "256"}
     assert set(doc["ratios"]["growth_window"]) == {"256", "512"}
@@ -39,3 +43,17 @@ def test_ratios_from_rows():
     assert r["growth_sdpa"] == {"16384": 4.0, "32768": 4.0} and r["growth_vq"] == {"16384": 2.0, "32768": 2.0}
     assert r["vq_32k_over_8k"] == 4.0 and r["sdpa_32k_over_8k"] == 16.0
     assert r["performer_crossover_len"] == 16384
+
+
+def test_heap_allocator_takes_large_blocks_from_the_heap():
+    """The --allocator setting does what the bench says: under glibc's defaults a 64 MiB tensor
+    is an mmapped block (returned to the kernel on free, faulted in anew next time); with "heap"
+    it comes from the heap, whose freed blocks are kept for reuse."""
+    held = {}
+    for name, extra in ALLOCATORS.items():
+        r = subprocess.run([sys.executable, "-c", "from bench.attention import mmapped_bytes as f; print(f(64))"],
+                           cwd=ROOT, env=dict(os.environ, **extra), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        held[name] = int(r.stdout.split()[-1])
+    assert held["default"] >= 64 * 2 ** 20, held
+    assert held["heap"] < 2 ** 20, held
