@@ -118,6 +118,13 @@ def _peak_bytes(device: torch.device) -> int:
 ALLOCATORS = {"default": {}, "heap": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}}
 
 
+def allocator_env(name: str) -> dict[str, str]:
+    """What the point subprocesses' allocator sees: the inherited malloc settings (MALLOC_*,
+    GLIBC_TUNABLES, LD_PRELOAD such as jemalloc) with ``ALLOCATORS[name]`` laid over them."""
+    inherited = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    return {**inherited, **ALLOCATORS[name]}
+
+
 def mmapped_bytes(mib: int = 64) -> int:
     """Bytes glibc holds in mmapped blocks while a ``mib`` MiB tensor is alive (mallinfo2's
     hblkhd): the tensor's size under glibc's defaults, 0 when large blocks come from the heap."""
@@ -286,7 +293,7 @@ def main() -> None:
     info = machine(args.threads, device)
     doc = {"machine": info, "config": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": args.dtype,
                                        "causal": True, "repeat": args.repeat, "allocator": args.allocator,
-                                       "allocator_env": ALLOCATORS[args.allocator], "vq": {"codebook_size": 512, "block_len": 512},
+                                       "allocator_env": allocator_env(args.allocator), "vq": {"codebook_size": 512, "block_len": 512},
                                        "performer": {"nb_features": 256},
                                        "window": {"window": WINDOW}},
            "results": results, "ratios": ratios(results)}

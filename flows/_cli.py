@@ -18,6 +18,7 @@ from tasks.kb import KbFormatError
 from tasks.kgclue_data import DataQualityError
 from tasks.storage import IncompleteOutput
 
+
 def json_object(text: str) -> dict:
     """An argparse ``type``: a JSON object (option maps such as ``--attention-options``)."""
     try:

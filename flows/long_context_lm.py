@@ -147,9 +147,17 @@ class LongContextConfig(BaseModel):
                              f"key the options by a trained kind, e.g. {{\"vq\": {{\"exact_window\": true}}}}")
         for kind in self.attention_options:  # unknown or bad options fail here, not in a training worker
             from models.lm import LM, LMConfig
-            LM(LMConfig(vocab_size=256, d_model=p["d_model"], n_head=p["n_head"], n_layer=p["n_layer"],
-                        d_ff=p["d_ff"], train_len=p["train_len"], pattern=kind,
-                        attention_options={kind: self.kind_options(kind)}))
+            cfg = LMConfig(vocab_size=256, d_model=p["d_model"], n_head=p["n_head"], n_layer=p["n_layer"],
+                           d_ff=p["d_ff"], train_len=p["train_len"], pattern=kind,
+                           attention_options={kind: self.kind_options(kind)})
+            built = sorted({k for k, _ in cfg.layers()})
+            if kind not in built:  # e.g. hwfa: its layers are window and full_nope_logn, options keyed hwfa reach none
+                raise ValueError(f"attention_options for {kind!r} would reach no layer: the {kind!r} pattern builds "
+                                 f"{built} layers; only a kind that names its own layers takes options")
+            try:
+                LM(cfg)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"attention_options for {kind!r}: {e}") from None
         return self
 
     def kind_options(self, kind: str) -> dict[str, Any]:

@@ -119,8 +119,8 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     block n, and when ``causal and prev_block`` (the default, the official code's "xl cache")
     block n−1 too; keys before the window enter through per-code sums. ``bias`` is added to the
     explicit window's scores: (H, L, 2L) for the causal two-block window (columns: block n−1's
-    keys, then block n's), else (H, L, L). Without a bias the result does not depend on the
-    window: it is softmax over all quantised keys. ``rel_key`` (H, 3·block_len − 1, D): a
+    keys, then block n's), else (H, L, L). Without a bias (and without ``exact_window``) the
+    result does not depend on the window: it is softmax over all quantised keys. ``rel_key`` (H, 3·block_len − 1, D): a
     query-dependent relative key term (Shaw et al.), r_h(d) for d = i − j from −(L−1) to 2L−1
     (index d + L − 1): a window score becomes q·(k̂_j + r_h(i − j))/√D (+ bias).
     ``exact_window`` (a variant, not the paper's form): the explicit window scores the exact

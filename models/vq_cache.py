@@ -1,5 +1,6 @@
 """Transformer-VQ's incremental decoding state (ALGORITHMS.md §8): per beam row, per-code sums
-of the values before the explicit window and the window's quantised keys/values -- O(S·D + L·D)
+of the values before the explicit window and the window's keys (quantised, or exact with
+``exact_window``) and values -- O(S·D + L·D)
 per head whatever the length. :meth:`models.attention_vq.VQAttention._step` reads and extends it."""
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from models.vq_codebook import code_sums
 
 class VQCache:
     """Incremental state of one vq layer, one row per beam: per-code value sums and counts of
-    the blocks before the explicit window (N, H, S, D) + (N, H, S), and the window's quantised
-    keys/values: the previous block (with the two-block window) and the current one. O(S·D + L·D)
+    the blocks before the explicit window (N, H, S, D) + (N, H, S), and the window's keys
+    (quantised, or exact with ``exact_window``) and values: the previous block (with the two-block window) and the current one. O(S·D + L·D)
     per head, whatever the length."""
 
     def __init__(self) -> None:

@@ -11,8 +11,8 @@ with exp2 (log2 e folded into the GEMMs: torch's exp takes a slow path for under
 middle dim ran at ~10 ns per element). What is left at 8k is the FLOP count: per query S code
 scores at 6 GEMM passes and ~W − L/4 window scores at 7, against causal SDPA's ~T/2 at 7, and
 the memory-bound passes between the GEMMs. (The page faults of fresh full-size tensors past
-glibc's 32 MB mmap threshold cost little here: keeping freed blocks for reuse moved 32k tokens
-by ~5%; see ``bench.attention --allocator heap``.)
+glibc's 32 MB mmap threshold cost little here: keeping freed blocks for reuse changed 32k
+tokens by −6% (one-block window) to +1% (two-block); see ``bench.attention --allocator heap``.)
 """
 from __future__ import annotations
 

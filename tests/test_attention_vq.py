@@ -264,6 +264,11 @@ def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key
                 cache = cache.index_select(perm)
             rows = perm if t >= 6 else torch.arange(3)
             steps.append(attn(x[rows, t:t + 1], causal=True, cache=cache))
+    if exact:  # the variant is not the quantised form in disguise
+        twin = layer(prev_block=prev_block, rel_key=rel_key).eval()
+        twin.load_state_dict(attn.state_dict())
+        with torch.no_grad():
+            assert rel_err(twin(x, causal=True), full) > 1e-3
     assert isinstance(cache, VQCache) and cache.length == 11
     assert cache.vsum.shape == (3, 2, 6, 8)  # O(S·D) per head, whatever the length
     torch.testing.assert_close(torch.cat(steps[:6], 1), full[:, :6], atol=1e-12, rtol=0)

@@ -93,6 +93,10 @@ def test_attention_options_lay_over_the_preset_and_are_checked_up_front():
         LongContextConfig(attention="hwfa", attention_options={"vq": {"exact_window": True}})
     with pytest.raises(ValidationError, match="takes no options \\['exact_windw'\\]"):
         LongContextConfig(attention="vq", attention_options={"vq": {"exact_windw": True}})
+    with pytest.raises(ValidationError, match="would reach no layer"):
+        LongContextConfig(attention="hwfa", attention_options={"hwfa": {"window": 3}})
+    with pytest.raises(ValidationError, match="attention_options for 'vq'"):
+        LongContextConfig(attention="vq", attention_options={"vq": {"codebook_size": "many"}})
     with pytest.raises(SystemExit):
         parse_args(["--attention", "vq", "--attention-options", "[1]"])
 
