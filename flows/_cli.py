@@ -30,6 +30,16 @@ def json_object(text: str) -> dict:
     return v
 
 
+def check_attention_options(kind: str, options: dict) -> None:
+    """Refuse a kind's options before Ray starts, in the kind's own words: the kind is built once
+    at a toy size (a typo or a wrong type raises there, not in a training worker)."""
+    from models.attention import make_attention
+    try:
+        make_attention(kind, d_model=8, n_head=2, **options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"attention_options for {kind!r}: {e}") from None
+
+
 def _dir(v: Path | None) -> Path | None:
     if v is not None and not v.is_dir():
         raise ValueError(f"{v} is not a directory (give KgCLUE's datasets/ folder, or omit it to use a "

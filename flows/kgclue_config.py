@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flows._cli import DataDir, InputFile
+from flows._cli import DataDir, InputFile, check_attention_options
 
 # One table per flow: the model size (models/seq2seq.PRESETS), the generator's training, the
 # re-ranker's training, the validation slice, and the placement defaults of each preset.
@@ -99,11 +99,7 @@ class KgcluePipelineConfig(BaseModel):
         if self.attention == "softmax":
             raise ValueError(f"attention_options {self.attention_options} given, but attention 'softmax' takes "
                              "none; add --attention vq|performer")
-        from models.attention import make_attention
-        try:
-            make_attention(self.attention, d_model=8, n_head=2, **self.attention_options)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"attention_options for {self.attention!r}: {e}") from None
+        check_attention_options(self.attention, self.attention_options)
         return self
 
     @field_validator("ray_address")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.long_context_lm import MULTIPLES, PRESETS, LongContextConfig, long_context_lm, parse_args, train_spec
+from flows.long_context_config import MULTIPLES, PRESETS, LongContextConfig
+from flows.long_context_lm import long_context_lm, parse_args, train_spec
 from tests.conftest import ROOT, stdlib_text
 
 KINDS = ("softmax", "hwfa")
