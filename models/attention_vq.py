@@ -39,6 +39,14 @@ explicit window scores the exact keys, so near context is plain softmax attentio
 before the window are seen through their codes (jointly normalised, same cost and O(S·D) decoding
 state; the window's cache holds exact keys). Quantisation then costs only the far context.
 
+``window_rope`` (off by default; on in the long-context base preset): RoPE inside the explicit
+window, by slot -- the window's keys rotated by their place in it, the block's queries by theirs,
+so a window score depends on i − j as RoPE's does, at any absolute position (the tables span 2L
+only); code scores use the unrotated query. Quantise first, rotate after: codes stay
+position-free. Measured on the base byte LM (N = 128, one seed): with ``rel_bias`` off it took
+vq from 2.563 to 2.366 bits per byte at N (softmax + RoPE 2.221); the ALiBi-initialised scalar
+bias is a strong recency prior that 600 steps do not unlearn.
+
 Scale: with ``qk_norm`` (default) q and k are layer-normalised per head, no gain or bias (the
 official code's q_ln / k_ln), before quantisation and the 1/√D scores: bounded keys keep the
 quantisation error bounded. Without it keys drift in norm and the earlier-block context decays
@@ -111,7 +119,8 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
                  block_len: int, causal: bool = True, key_mask: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, codes: torch.Tensor | None = None,
                  grad_thru_cache: bool = True, prev_block: bool = True,
-                 rel_key: torch.Tensor | None = None, exact_window: bool = False) -> torch.Tensor:
+                 rel_key: torch.Tensor | None = None, exact_window: bool = False,
+                 window_rope: Rotary | None = None) -> torch.Tensor:
     """Softmax attention of q against the quantised keys, scale 1/√D, in time linear in T.
 
     q, k, v (B, H, T, D), any T; codebook (H, S, D). Optional: key_mask (B, T) True = real key;
@@ -125,7 +134,11 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     (index d + L − 1): a window score becomes q·(k̂_j + r_h(i − j))/√D (+ bias).
     ``exact_window`` (a variant, not the paper's form): the explicit window scores the exact
     keys k_j instead of k̂_j (and sends them their exact gradient); keys before the window still
-    enter through their codes, jointly normalised. Same cost. Returns (B, H, T, D).
+    enter through their codes, jointly normalised. Same cost. ``window_rope`` (a Rotary with
+    max_len ≥ the window's width): the explicit window's scores rotate queries and keys by their
+    slot in the window (window key j at slot j, the block's queries at the last L slots), so
+    they depend on i − j as RoPE's do, at any absolute position; the code scores use the
+    unrotated q (codes carry no position). Returns (B, H, T, D).
     """
     B, H, T, D = q.shape
     S, L = codebook.size(1), block_len
@@ -137,16 +150,18 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     codes = quantise(k, cb) if codes is None else codes
     w = (torch.ones(B, 1, T, dtype=q.dtype, device=q.device) if key_mask is None
          else key_mask[:, None, :].to(q.dtype))  # (B, 1, T) key weights
-    if not causal and bias is None and rel_key is None and not exact_window:  # exp(QCᵀ)(ΔᵀV), normalised
+    if not causal and bias is None and rel_key is None and not exact_window and window_rope is None:  # exp(QCᵀ)(ΔᵀV), normalised
         vsum, count = code_sums(v, w, codes, 1, S)  # (B, H, 1, S, D), (B, H, 1, S)
         if not grad_thru_cache:
             vsum = vsum.detach()
         a = (q @ cb.transpose(-1, -2)) * scale  # (B, H, T, S)
         a = a.masked_fill(count[:, :, 0, None, :] <= 0, float("-inf"))
         return _combine(a, vsum[:, :, 0].to(q.dtype), count[:, :, 0].to(q.dtype), None, None)
+    slot0 = 0  # window_rope: the window's first key's slot
     if T < L:  # one short block (a KgCLUE question): no padding to L, no previous block to score
+        c0 = L if causal and prev_block else 0  # the current block's first column (and RoPE slot)
+        slot0 = c0
         if bias is not None:
-            c0 = L if causal and prev_block else 0  # the current block's first column
             if bias.shape[-2:] != (L, L + c0):
                 raise ValueError(f"bias {tuple(bias.shape)}: the explicit window is ({L}, {L + c0}) per head")
             bias = bias[..., :T, c0:c0 + T]
@@ -190,7 +205,10 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     qb, kb, vb = (x.view(B, H, n, L, D) for x in (qp, kp, vp))  # (B, H, n, L, D)
     if two:  # (B, H, n, 2L, D): [block n-1 | block n]
         kb, vb = (torch.cat((torch.cat((torch.zeros_like(x[:, :, :1]), x[:, :, :-1]), 2), x), 3) for x in (kb, vb))
-    out = BlockAttention.apply(qb, cb, logc, vsum.to(q.dtype), count.clamp_min(1.0).to(q.dtype), kb, vb, ebias,
+    qw = None  # the window's queries: q itself, or rotated by slot
+    if window_rope is not None:  # the slots of the full-length layout (decoding rotates alike)
+        kb, qw = window_rope(kb, offset=slot0), window_rope(qb, offset=slot0 + W - L)
+    out = BlockAttention.apply(qb, qw, cb, logc, vsum.to(q.dtype), count.clamp_min(1.0).to(q.dtype), kb, vb, ebias,
                                 scale, causal)  # (B, H, n, L, D)
     return out.reshape(B, H, T_pad, D)[:, :, :T]
 
@@ -212,13 +230,14 @@ class VQAttention(nn.Module):
                  block_len: int = 512, commit_beta: float = 1e-4, ema_decay: float = 0.99,
                  dead_threshold: float = 0.1, codebook_init: float = 1.0, rel_bias: bool = True,
                  grad_thru_cache: bool = True, qk_norm: bool = True, prev_block: bool = True,
-                 rel_key: bool = False, dead_fraction: float = 0.0, exact_window: bool = False, **options):
+                 rel_key: bool = False, dead_fraction: float = 0.0, exact_window: bool = False,
+                 window_rope: bool = False, **options):
         super().__init__()
         if options:
             raise ValueError(f"attention kind 'vq' takes no options {sorted(options)}; it knows "
                              "codebook_size, block_len, commit_beta, ema_decay, dead_threshold, "
                              "codebook_init, rel_bias, rel_key, grad_thru_cache, qk_norm, prev_block, "
-                             "dead_fraction, exact_window")
+                             "dead_fraction, exact_window, window_rope")
         if cross:
             raise ValueError("attention kind 'vq' cannot take the cross-attention role "
                              "(set attention_cross='softmax')")
@@ -233,6 +252,8 @@ class VQAttention(nn.Module):
         self.commit_beta, self.ema_decay, self.dead_threshold = commit_beta, ema_decay, dead_threshold
         self.dead_fraction, self.exact_window = dead_fraction, exact_window
         self.grad_thru_cache, self.qk_norm, self.prev_block = grad_thru_cache, qk_norm, prev_block
+        # RoPE inside the explicit window, by slot (see vq_attention): buffers only, not saved
+        self.window_rope = Rotary(D, 2 * block_len) if window_rope else None
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
@@ -297,7 +318,7 @@ class VQAttention(nn.Module):
             y = vq_attention(q, k, v, self.codebook, block_len=self.block_len, causal=causal,
                              key_mask=key_mask, bias=self.block_bias(causal), codes=codes,
                              grad_thru_cache=self.grad_thru_cache, prev_block=self.prev_block,
-                             rel_key=self.rel_key, exact_window=self.exact_window)
+                             rel_key=self.rel_key, exact_window=self.exact_window, window_rope=self.window_rope)
         self.aux_loss = None
         if self.training:
             w = (torch.ones(B, 1, T, device=x.device) if key_mask is None
@@ -318,7 +339,12 @@ class VQAttention(nn.Module):
         prev = self.prev_block and cache.k_prev is not None
         keys = torch.cat((cache.k_prev, cache.k), 2) if prev else cache.k  # (N, H, [L +] i+1, D)
         vals = torch.cat((cache.v_prev, cache.v), 2) if prev else cache.v
-        e = (q @ keys.transpose(-1, -2)) * scale  # (N, H, 1, [L +] i+1)
+        qe = q
+        if self.window_rope is not None:  # the slots vq_attention gives them: the current block's
+            first = L if self.prev_block and not prev else 0  # keys at L.. in a two-block layout
+            keys = self.window_rope(keys, offset=first)
+            qe = self.window_rope(q, offset=first + keys.size(2) - 1)
+        e = (qe @ keys.transpose(-1, -2)) * scale  # (N, H, 1, [L +] i+1)
         bias = self.block_bias(causal=True)
         if bias is not None:
             off = L if self.prev_block else 0  # the current block's columns start here

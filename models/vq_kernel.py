@@ -93,7 +93,8 @@ class BlockAttention(torch.autograd.Function):
     """Per block: softmax over [codes of earlier blocks | keys of the explicit window], jointly
     normalised.
 
-    q (B, H, n, L, D) unscaled queries, ``scale`` applied inside; cb (H, S, D) codebook; logc
+    q (B, H, n, L, D) unscaled queries, ``scale`` applied inside; qw the queries of the window's
+    scores, or None for q itself (q rotated for the window's RoPE gets its own gradient); cb (H, S, D) codebook; logc
     (B, H, n, S) log counts (−inf: empty); vsum (B, H, n, S, D) per-code value sums and cnt
     (B, H, n, S) their counts clamped to ≥ 1 (the code's mean value is vsum / cnt); kb, vb
     (B, H, n, W, D) the window's keys and values; ebias broadcastable to (B, H, n, L, W),
@@ -109,13 +110,14 @@ class BlockAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, cb, logc, vsum, cnt, kb, vb, ebias, scale, causal):
+    def forward(ctx, q, qw, cb, logc, vsum, cnt, kb, vb, ebias, scale, causal):
         B, H, n, L, D = q.shape
         S, W, N = cb.size(1), kb.size(3), B * H * n
         c, keep = chunk_slices(N, L * (S + W), q.device)
         rows = CAUSAL_ROW_GROUPS if causal else 1
         R = 1 if keep or L % rows else rows
         q2, k2, v2 = q.reshape(N, L, D), kb.reshape(N, W, D), vb.reshape(N, W, D)
+        qw2 = q2 if qw is None else qw.reshape(N, L, D)
         vs2, cn2, lc2 = vsum.reshape(N, S, D), cnt.reshape(N, S), logc.reshape(N, S)
         eb = ebias.reshape(*([1] * (5 - ebias.dim())), *ebias.shape)
         eb_lead, eb2 = eb.shape[:3], eb.reshape(-1, L, W)
@@ -135,8 +137,8 @@ class BlockAttention(torch.autograd.Function):
                 # count_s · exp(q·c_s): the log-count form
                 a = torch.baddbmm(lc2[lo:hi, None, :], qr, cbc.transpose(1, 2), beta=_LOG2E, alpha=alpha,
                                   out=a_buf[:m_ * Lr * S].view(m_, Lr, S))
-                e = torch.baddbmm(ebc[:, rs, :cols], qr, k2[lo:hi, :cols].transpose(1, 2), beta=_LOG2E,
-                                  alpha=alpha, out=e_buf[:m_ * Lr * cols].view(m_, Lr, cols))
+                e = torch.baddbmm(ebc[:, rs, :cols], qw2[lo:hi, rs], k2[lo:hi, :cols].transpose(1, 2),
+                                  beta=_LOG2E, alpha=alpha, out=e_buf[:m_ * Lr * cols].view(m_, Lr, cols))
                 m = torch.maximum(a.amax(-1), e.amax(-1))  # (c, Lr): scores of past keys only
                 m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
                 a.sub_(m[..., None]).exp2_()
@@ -150,24 +152,26 @@ class BlockAttention(torch.autograd.Function):
                 lse[lo:hi, rs] = m + den.log2()  # log2 of the normaliser, in log2 units
         kept = ((a_buf[:N * L * S].view(N, L, S), e_buf[:N * L * W].view(N, L, W)) if keep
                 else (lse.new_empty(0), lse.new_empty(0)))
-        ctx.save_for_backward(q, cb, logc, vsum, cnt, kb, vb, ebias, out, lse, *kept)
+        ctx.save_for_backward(q, qw, cb, logc, vsum, cnt, kb, vb, ebias, out, lse, *kept)
         ctx.keep, ctx.R, ctx.c, ctx.scale = keep, R, c, scale
         return out.view(B, H, n, L, D)
 
     @staticmethod
     def backward(ctx, d_out):
-        q, cb, logc, vsum, cnt, kb, vb, ebias, out, lse, pa_kept, pe_kept = ctx.saved_tensors
+        q, qw, cb, logc, vsum, cnt, kb, vb, ebias, out, lse, pa_kept, pe_kept = ctx.saved_tensors
         keep, R, c, scale = ctx.keep, ctx.R, ctx.c, ctx.scale
         B, H, n, L, D = q.shape
         S, W, N = cb.size(1), kb.size(3), B * H * n
         q2, k2, v2 = q.reshape(N, L, D), kb.reshape(N, W, D), vb.reshape(N, W, D)
+        qw2 = q2 if qw is None else qw.reshape(N, L, D)
         vs2, cn2, lc2 = vsum.reshape(N, S, D), cnt.reshape(N, S), logc.reshape(N, S)
         eb = ebias.reshape(*([1] * (5 - ebias.dim())), *ebias.shape)
         eb_lead, eb2 = eb.shape[:3], eb.reshape(-1, L, W)
         g = d_out.reshape(N, L, D)
         delta = (g * out).sum(-1)  # (N, L)
-        need_sum, need_bias = ctx.needs_input_grad[3], ctx.needs_input_grad[7]
+        need_sum, need_bias = ctx.needs_input_grad[4], ctx.needs_input_grad[8]
         d_q, d_k, d_v = torch.empty_like(q2), torch.empty_like(k2), torch.empty_like(v2)
+        d_qw = None if qw is None else torch.empty_like(q2)  # the window queries' own gradient
         d_sum = torch.empty_like(vs2) if need_sum else None
         d_eb = torch.zeros_like(eb2) if need_bias else None
         Lr, alpha = L // R, _LOG2E * scale
@@ -182,27 +186,31 @@ class BlockAttention(torch.autograd.Function):
             mv = vs2[lo:hi] / cn2[lo:hi, :, None]
             for r in reversed(range(R)):  # the widest group first: it writes every window key's gradient
                 rs, cols = slice(r * Lr, (r + 1) * Lr), W - L + (r + 1) * Lr if R > 1 else W
-                qr, gr = q2[lo:hi, rs], g[lo:hi, rs]
+                qr, qwr, gr = q2[lo:hi, rs], qw2[lo:hi, rs], g[lo:hi, rs]
                 if keep:
                     pa, pe = pa_kept, pe_kept
                 else:  # recomputed probabilities
                     ls = lse[lo:hi, rs, None]
                     pa = torch.baddbmm(lc2[lo:hi, None, :], qr, cbc.transpose(1, 2), beta=_LOG2E, alpha=alpha,
                                        out=p_bufs[0][:m_ * Lr * S].view(m_, Lr, S)).sub_(ls).exp2_()
-                    pe = torch.baddbmm(ebc[:, rs, :cols], qr, k2[lo:hi, :cols].transpose(1, 2), beta=_LOG2E,
+                    pe = torch.baddbmm(ebc[:, rs, :cols], qwr, k2[lo:hi, :cols].transpose(1, 2), beta=_LOG2E,
                                        alpha=alpha, out=p_bufs[1][:m_ * Lr * cols].view(m_, Lr, cols)
                                        ).sub_(ls).exp2_()
                 dl = delta[lo:hi, rs, None]
                 da = torch.bmm(gr, mv.transpose(1, 2), out=d_bufs[0][:m_ * Lr * S].view(m_, Lr, S)).sub_(dl).mul_(pa)
                 de = torch.bmm(gr, v2[lo:hi, :cols].transpose(1, 2),
                                out=d_bufs[1][:m_ * Lr * cols].view(m_, Lr, cols)).sub_(dl).mul_(pe)
-                torch.bmm(da, cbc, out=d_q[lo:hi, rs]).baddbmm_(de, k2[lo:hi, :cols]).mul_(scale)
+                if d_qw is None:
+                    torch.bmm(da, cbc, out=d_q[lo:hi, rs]).baddbmm_(de, k2[lo:hi, :cols]).mul_(scale)
+                else:
+                    torch.bmm(da, cbc, out=d_q[lo:hi, rs]).mul_(scale)
+                    torch.bmm(de, k2[lo:hi, :cols], out=d_qw[lo:hi, rs]).mul_(scale)
                 first = r == R - 1
                 if first:
-                    torch.baddbmm(d_k[lo:hi], de.transpose(1, 2), qr, beta=0.0, alpha=scale, out=d_k[lo:hi])
+                    torch.baddbmm(d_k[lo:hi], de.transpose(1, 2), qwr, beta=0.0, alpha=scale, out=d_k[lo:hi])
                     torch.bmm(pe.transpose(1, 2), gr, out=d_v[lo:hi])
                 else:
-                    d_k[lo:hi, :cols].baddbmm_(de.transpose(1, 2), qr, alpha=scale)
+                    d_k[lo:hi, :cols].baddbmm_(de.transpose(1, 2), qwr, alpha=scale)
                     d_v[lo:hi, :cols].baddbmm_(pe.transpose(1, 2), gr)
                 if need_sum:
                     if first:
@@ -218,5 +226,6 @@ class BlockAttention(torch.autograd.Function):
                         d_eb[:, rs, :cols].index_add_(0, torch.tensor(ebi, device=de.device), de)
             if need_sum:
                 d_sum[lo:hi] /= cn2[lo:hi, :, None]
-        return (d_q.view(q.shape), None, None, d_sum.view(vsum.shape) if need_sum else None, None,
-                d_k.view(kb.shape), d_v.view(vb.shape), d_eb.view(ebias.shape) if need_bias else None, None, None)
+        return (d_q.view(q.shape), None if d_qw is None else d_qw.view(q.shape), None, None,
+                d_sum.view(vsum.shape) if need_sum else None, None, d_k.view(kb.shape), d_v.view(vb.shape),
+                d_eb.view(ebias.shape) if need_bias else None, None, None)

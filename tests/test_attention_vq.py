@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.attention import Rotary
 from models.attention_vq import VQAttention, vq_attention
 from models.vq_cache import VQCache
 from models.vq_codebook import gather_codes, quantise, straight_through
@@ -21,7 +22,7 @@ def rand(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, block_ste=False,
-          prev_block=True, rel_key=None, exact_window=False):
+          prev_block=True, rel_key=None, exact_window=False, rope=None):
     """O(T²) reference: softmax(q k̂ᵀ/√D [+ window bias]) v with k̂ = C[nearest code].
 
     The explicit window of a query in block n: block n, and block n−1 when causal and
@@ -29,7 +30,9 @@ def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, b
     block_ste: k̂ carries the straight-through gradient only for pairs in the window (what the
     linear-time form can give); otherwise to every pair. rel_key (H, 3L−1, D): window pairs
     score q_i·(k̂_j + r(i − j)), r indexed by the absolute offset i − j + L − 1. exact_window:
-    window pairs score the exact key k_j (with its own gradient) instead of k̂_j.
+    window pairs score the exact key k_j (with its own gradient) instead of k̂_j. rope: window
+    pairs score RoPE-rotated queries and keys at their absolute positions (pairs beyond the
+    window stay unrotated).
     """
     n = k.size(2)
     codes = quantise(k, codebook)
@@ -39,9 +42,10 @@ def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, b
     same = blk[:, None] == blk[None, :]  # (T, T)
     two = causal and prev_block
     window = same | (blk[:, None] - 1 == blk[None, :]) if two else same
-    near = q @ (k if exact_window else ste).transpose(-1, -2)
+    near_k = k if exact_window else ste
+    near = (q @ near_k.transpose(-1, -2) if rope is None else rope(q) @ rope(near_k).transpose(-1, -2))
     far = q @ (hard.detach() if block_ste else ste).transpose(-1, -2)
-    s = torch.where(window, near, far) if block_ste or exact_window else near
+    s = torch.where(window, near, far) if block_ste or exact_window or rope is not None else near
     s = s / math.sqrt(q.size(-1))
     if bias is not None:
         i = torch.arange(n) % block_len
@@ -183,6 +187,43 @@ def test_exact_window_variant_equals_dense_with_gradients(causal: bool, prev_blo
                        dense(q, k, v, cb, exact_window=True, **plain)) < 1e-9
 
 
+def rope64(n: int) -> Rotary:
+    """Rotary over head dim D with exact float64 tables (the module keeps float32 ones)."""
+    rope = Rotary(D, n)
+    f = torch.outer(torch.arange(n, dtype=torch.float64),
+                    1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    rope.cos, rope.sin = f.cos(), f.sin()
+    return rope
+
+
+@pytest.mark.parametrize("causal,prev_block,exact,block_len", [
+    (True, True, False, L), (True, False, False, L), (False, True, False, L), (True, True, True, L),
+    (True, True, False, 32)], ids=["causal-two-block", "causal-one-block", "bidirectional",
+                                   "exact-window", "shorter-than-a-block"])
+def test_window_rope_equals_dense_rope_on_window_pairs(causal: bool, prev_block: bool, exact: bool,
+                                                       block_len: int) -> None:
+    """window_rope rotates by slot in the window; RoPE depends only on i − j, so the window's
+    scores must equal RoPE at absolute positions, the code scores staying unrotated: values and
+    gradients (straight-through to window keys) against the dense form, with bias, rel_key and
+    padding."""
+    q, k, v, cb = inputs(requires_grad=True)
+    two = causal and prev_block
+    bias = rand(H, block_len, 2 * block_len if two else block_len, seed=6).requires_grad_(True)  # sliced when T < L
+    rk = rand(H, 3 * block_len - 1, D, seed=8).requires_grad_(True)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 17:] = False
+    g = rand(B, H, T, D, seed=7)
+    kw = dict(causal=causal, bias=bias, prev_block=prev_block, rel_key=rk, key_mask=mask, exact_window=exact)
+    out = vq_attention(q, k, v, cb, block_len=block_len, window_rope=rope64(2 * block_len), **kw)
+    ref = dense(q, k, v, cb, block_len=block_len, block_ste=True, rope=rope64(T), **kw)
+    assert rel_err(out, ref) < 1e-9
+    got = torch.autograd.grad((out * g).sum(), (q, k, v, bias, rk))
+    want = torch.autograd.grad((ref * g).sum(), (q, k, v, bias, rk))
+    for name, a, b in zip("q k v bias rel_key".split(), got, want):
+        assert rel_err(a, b) < 1e-9, name
+    assert rel_err(vq_attention(q, k, v, cb, block_len=block_len, **kw), ref) > 1e-3  # the rotation acts
+
+
 def test_exact_window_within_one_window_is_softmax_whatever_the_codebook() -> None:
     """Every key inside the explicit window: the variant is exact softmax, the codes unused."""
     q, k, v, cb = inputs()
@@ -245,12 +286,14 @@ def test_module_causality_jacobian() -> None:
     assert (per_pair.tril() > 0).sum() == 10 * 11 // 2  # every past input matters
 
 
-@pytest.mark.parametrize("prev_block,rel_key,exact", [(True, False, False), (False, False, False),
-                                                      (True, True, False), (True, True, True), (False, False, True)],
-                         ids=["two-block-window", "one-block", "two-block-window-rel-key",
-                              "exact-window-rel-key", "exact-one-block"])
-def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key: bool, exact: bool) -> None:
-    attn = layer(prev_block=prev_block, rel_key=rel_key, exact_window=exact).eval()
+@pytest.mark.parametrize("prev_block,rel_key,exact,rope", [
+    (True, False, False, False), (False, False, False, False), (True, True, False, False),
+    (True, True, True, False), (False, False, True, False), (True, True, False, True), (False, False, True, True)],
+    ids=["two-block-window", "one-block", "two-block-window-rel-key", "exact-window-rel-key", "exact-one-block",
+         "window-rope-rel-key", "window-rope-exact-one-block"])
+def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key: bool, exact: bool,
+                                                       rope: bool) -> None:
+    attn = layer(prev_block=prev_block, rel_key=rel_key, exact_window=exact, window_rope=rope).eval()
     if rel_key:
         with torch.no_grad():
             attn.rel_key.copy_(rand(*attn.rel_key.shape, seed=12))
@@ -264,7 +307,7 @@ def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key
                 cache = cache.index_select(perm)
             rows = perm if t >= 6 else torch.arange(3)
             steps.append(attn(x[rows, t:t + 1], causal=True, cache=cache))
-    if exact:  # the variant is not the quantised form in disguise
+    if exact or rope:  # the variant is not the plain quantised form in disguise
         twin = layer(prev_block=prev_block, rel_key=rel_key).eval()
         twin.load_state_dict(attn.state_dict())
         with torch.no_grad():
@@ -278,10 +321,10 @@ def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key
 def test_encoder_layer_depends_on_token_order() -> None:
     x = rand(1, 8, 16, seed=4)
     perm = torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])
-    for rel_bias, order_matters in ((True, True), (False, False)):
-        attn = layer(rel_bias=rel_bias).eval()
+    for rel_bias, rope, order_matters in ((True, False, True), (False, False, False), (False, True, True)):
+        attn = layer(rel_bias=rel_bias, window_rope=rope).eval()
         y, y_perm = attn(x), attn(x[:, perm])
-        assert torch.allclose(y[:, perm], y_perm, atol=1e-12) != order_matters, rel_bias
+        assert torch.allclose(y[:, perm], y_perm, atol=1e-12) != order_matters, (rel_bias, rope)
 
 
 def test_key_mask_drops_padded_keys() -> None:
