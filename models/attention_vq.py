@@ -25,9 +25,11 @@ window (its own block and, causal, the next one); through the cache a key is onl
 (The full straight-through gradient from every later query needs a D×D matrix per code and
 block, O(T·S·D²) -- D times the forward -- and is not offered.)
 
-Position: rotated keys could not share codes, so RoPE is not used here. Position enters as a
-learned relative bias b_h(i - j) on the explicit window's scores (-L < i - j < 2L), initialised
-as ALiBi slopes, so even an untrained vq encoder is not a bag of characters. With ``rel_key``
+Position: keys rotated by their absolute position could not share codes, so RoPE is not applied
+before quantisation. Position enters the explicit window only: as a learned relative bias
+b_h(i - j) on its scores (-L < i - j < 2L, ``rel_bias``, on by default), initialised as ALiBi
+slopes, so even an untrained vq encoder is not a bag of characters; and/or by RoPE inside the
+window (``window_rope``, below). With ``rel_key``
 the window's scores also get a query-dependent term q·r_h(i − j)/√D, r learned per head and
 offset (zero at start; Shaw et al.'s relative keys, the same idea as the official code's
 Transformer-XL term): a scalar bias cannot say "this query looks for the byte 3 back", this can
@@ -43,9 +45,10 @@ state; the window's cache holds exact keys). Quantisation then costs only the fa
 window, by slot -- the window's keys rotated by their place in it, the block's queries by theirs,
 so a window score depends on i − j as RoPE's does, at any absolute position (the tables span 2L
 only); code scores use the unrotated query. Quantise first, rotate after: codes stay
-position-free. Measured on the base byte LM (N = 128, one seed): with ``rel_bias`` off it took
-vq from 2.563 to 2.366 bits per byte at N (softmax + RoPE 2.221); the ALiBi-initialised scalar
-bias is a strong recency prior that 600 steps do not unlearn.
+position-free. Measured on the base byte LM (N = 128, one seed): window_rope on and ``rel_bias``
+off together took vq from 2.563 to 2.366 bits per byte at N (softmax + RoPE 2.221); on the tiny
+preset (one run each, not committed) window_rope alone gave 2.884 → 2.840 and dropping the
+ALiBi-initialised bias as well 2.790.
 
 Scale: with ``qk_norm`` (default) q and k are layer-normalised per head, no gain or bias (the
 official code's q_ln / k_ln), before quantisation and the 1/√D scores: bounded keys keep the

@@ -458,7 +458,8 @@ def test_chunked_block_kernel_equals_dense(monkeypatch, slices: int, rows: int, 
     heads and batch rows; the bias, padding and rel_key terms are read as a shared row, a view or
     a gather) give the dense answer and gradients, as does the one-chunk form that keeps them.
     Causal blocks' queries go in 1, 2 or 4 row groups, each scoring only the window keys its
-    queries can see."""
+    queries can see. With window_rope the window's rotated queries (their own input and
+    gradient) go through the same chunks and groups."""
     import models.vq_kernel as vqmod
     two = causal and prev_block
     W = 2 * L if two else L
@@ -472,20 +473,21 @@ def test_chunked_block_kernel_equals_dense(monkeypatch, slices: int, rows: int, 
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 10:] = False
     g = rand(B, H, T, D, seed=7)
-    for use_mask, use_rel in ((False, False), (True, False), (True, True)):
+    for use_mask, use_rel, use_rope in ((False, False, False), (True, False, False), (True, True, False),
+                                        (True, True, True)):
         bias = rand(H, L, W, seed=5).requires_grad_(True)
         rk = rand(H, 3 * L - 1, D, seed=11).requires_grad_(True) if use_rel else None
         km = mask if use_mask else None
         out = vq_attention(q, k, v, cb, block_len=L, causal=causal, key_mask=km, bias=bias,
-                           prev_block=prev_block, rel_key=rk)
+                           prev_block=prev_block, rel_key=rk, window_rope=rope64(2 * L) if use_rope else None)
         ref = dense(q, k, v, cb, causal=causal, key_mask=km, bias=bias, block_ste=True,
-                    prev_block=prev_block, rel_key=rk)
-        assert rel_err(out, ref) < 1e-9, (use_mask, use_rel)
+                    prev_block=prev_block, rel_key=rk, rope=rope64(T) if use_rope else None)
+        assert rel_err(out, ref) < 1e-9, (use_mask, use_rel, use_rope)
         wrt = (q, k, v, bias) + ((rk,) if use_rel else ())
         got = torch.autograd.grad((out * g).sum(), wrt)
         want = torch.autograd.grad((ref * g).sum(), wrt)
         for name, a, b in zip("q k v bias rel_key".split(), got, want):
-            assert rel_err(a, b) < 1e-9, (use_mask, use_rel, name)
+            assert rel_err(a, b) < 1e-9, (use_mask, use_rel, use_rope, name)
 
 
 @pytest.mark.parametrize("cells", [1, 7 * S, 1 << 20])
