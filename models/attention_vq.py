@@ -153,7 +153,8 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     codes = quantise(k, cb) if codes is None else codes
     w = (torch.ones(B, 1, T, dtype=q.dtype, device=q.device) if key_mask is None
          else key_mask[:, None, :].to(q.dtype))  # (B, 1, T) key weights
-    if not causal and bias is None and rel_key is None and not exact_window and window_rope is None:  # exp(QCᵀ)(ΔᵀV), normalised
+    window_terms = bias is not None or rel_key is not None or exact_window or window_rope is not None
+    if not causal and not window_terms:  # exp(QCᵀ)(ΔᵀV), normalised
         vsum, count = code_sums(v, w, codes, 1, S)  # (B, H, 1, S, D), (B, H, 1, S)
         if not grad_thru_cache:
             vsum = vsum.detach()
@@ -162,8 +163,7 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
         return _combine(a, vsum[:, :, 0].to(q.dtype), count[:, :, 0].to(q.dtype), None, None)
     slot0 = 0  # window_rope: the window's first key's slot
     if T < L:  # one short block (a KgCLUE question): no padding to L, no previous block to score
-        c0 = L if causal and prev_block else 0  # the current block's first column (and RoPE slot)
-        slot0 = c0
+        slot0 = c0 = L if causal and prev_block else 0  # the current block's first column and RoPE slot
         if bias is not None:
             if bias.shape[-2:] != (L, L + c0):
                 raise ValueError(f"bias {tuple(bias.shape)}: the explicit window is ({L}, {L + c0}) per head")

@@ -94,7 +94,8 @@ class BlockAttention(torch.autograd.Function):
     normalised.
 
     q (B, H, n, L, D) unscaled queries, ``scale`` applied inside; qw the queries of the window's
-    scores, or None for q itself (q rotated for the window's RoPE gets its own gradient); cb (H, S, D) codebook; logc
+    scores, or None for q itself (q rotated for the window's RoPE gets its own gradient);
+    cb (H, S, D) codebook; logc
     (B, H, n, S) log counts (−inf: empty); vsum (B, H, n, S, D) per-code value sums and cnt
     (B, H, n, S) their counts clamped to ≥ 1 (the code's mean value is vsum / cnt); kb, vb
     (B, H, n, W, D) the window's keys and values; ebias broadcastable to (B, H, n, L, W),
