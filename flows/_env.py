@@ -18,6 +18,10 @@ DEFAULTS = {
     "PREFECT_LOGGING_LEVEL": "INFO",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
+    # A local SQLite server answers 503 (SQLITE_BUSY_SNAPSHOT, which skips the busy timeout) while
+    # many runs write at once; Prefect's client retries 503 with 2**n s back-off. Its default of 5
+    # retries (~1 min) ran out once in CI with 20 concurrent runs on 2 cores; 8 waits up to ~8.5 min.
+    "PREFECT_CLIENT_MAX_RETRIES": "8",
 }
 # DS_ACCELERATOR is not set here: the trainer sets it on each Ray worker from the spec
 # (cpu, or cuda for use_gpu), so a GPU machine is never pinned to DeepSpeed's CPU accelerator.
