@@ -55,6 +55,10 @@ official code's q_ln / k_ln), before quantisation and the 1/√D scores: bounded
 quantisation error bounded. Without it keys drift in norm and the earlier-block context decays
 to noise (measured: a tiny byte LM, N = 64, 300 steps: 3.47 bits per byte without it, 3.28 with it
 and one-block windows, against softmax's 2.70).
+Normalised q and k cap a score at √D, so attention cannot sharpen the way unnormalised softmax
+attention can; ``q_temp`` (off by default) multiplies head h's queries, after the norm, by a
+learned exp(t_h), t_h = 0 at init: every score of the head (window, rel_key, codes) scales
+together, and the keys, hence the codes, are untouched.
 
 Roles: encoder and decoder self-attention. Cross-attention stays softmax: the memory is short
 and projected once per question, where exact softmax is cheap and quantising its keys would
@@ -123,7 +127,7 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
                  bias: torch.Tensor | None = None, codes: torch.Tensor | None = None,
                  grad_thru_cache: bool = True, prev_block: bool = True,
                  rel_key: torch.Tensor | None = None, exact_window: bool = False,
-                 window_rope: Rotary | None = None) -> torch.Tensor:
+                 window_rope: Rotary | None = None, code_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q against the quantised keys, scale 1/√D, in time linear in T.
 
     q, k, v (B, H, T, D), any T; codebook (H, S, D). Optional: key_mask (B, T) True = real key;
@@ -141,7 +145,10 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     max_len ≥ the window's width): the explicit window's scores rotate queries and keys by their
     slot in the window (window key j at slot j, the block's queries at the last L slots), so
     they depend on i − j as RoPE's do, at any absolute position; the code scores use the
-    unrotated q (codes carry no position). Returns (B, H, T, D).
+    unrotated q (codes carry no position). ``code_bias`` (H,): added to head h's scores of the
+    keys before the window (its code scores), the window's untouched; where no query has a
+    window (bidirectional, no window terms) it would shift every score alike and is left out.
+    Returns (B, H, T, D).
     """
     B, H, T, D = q.shape
     S, L = codebook.size(1), block_len
@@ -186,6 +193,8 @@ def vq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codebook: to
     if not grad_thru_cache:
         vsum = vsum.detach()
     logc = torch.where(count > 0, count.log(), torch.full_like(count, float("-inf"))).to(q.dtype)  # (B, H, n, S)
+    if code_bias is not None:  # count · exp(q·c + b_h): b_h joins the log count (the kernel returns its gradient)
+        logc = logc + code_bias.to(q.dtype)[None, :, None, None]
     W = 2 * L if two else L  # explicit keys per query block
     ebias = torch.zeros(1, 1, 1, L, W, dtype=q.dtype, device=q.device)
     if causal:
@@ -234,13 +243,13 @@ class VQAttention(nn.Module):
                  dead_threshold: float = 0.1, codebook_init: float = 1.0, rel_bias: bool = True,
                  grad_thru_cache: bool = True, qk_norm: bool = True, prev_block: bool = True,
                  rel_key: bool = False, dead_fraction: float = 0.0, exact_window: bool = False,
-                 window_rope: bool = False, **options):
+                 window_rope: bool = False, q_temp: bool = False, code_bias: bool = False, **options):
         super().__init__()
         if options:
             raise ValueError(f"attention kind 'vq' takes no options {sorted(options)}; it knows "
                              "codebook_size, block_len, commit_beta, ema_decay, dead_threshold, "
                              "codebook_init, rel_bias, rel_key, grad_thru_cache, qk_norm, prev_block, "
-                             "dead_fraction, exact_window, window_rope")
+                             "dead_fraction, exact_window, window_rope, q_temp, code_bias")
         if cross:
             raise ValueError("attention kind 'vq' cannot take the cross-attention role "
                              "(set attention_cross='softmax')")
@@ -257,6 +266,10 @@ class VQAttention(nn.Module):
         self.grad_thru_cache, self.qk_norm, self.prev_block = grad_thru_cache, qk_norm, prev_block
         # RoPE inside the explicit window, by slot (see vq_attention): buffers only, not saved
         self.window_rope = Rotary(D, 2 * block_len) if window_rope else None
+        # a learned per-head temperature on the queries, exp(t_h), t_h = 0 at init (see qkv)
+        self.q_temp = nn.Parameter(torch.zeros(H)) if q_temp else None
+        # a learned per-head score added to the keys before the window (seen through codes), 0 at init
+        self.code_bias = nn.Parameter(torch.zeros(H)) if code_bias else None
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
@@ -293,6 +306,8 @@ class VQAttention(nn.Module):
         k, v = map(self._heads, self.kv_proj(x).chunk(2, dim=-1))
         if self.qk_norm:
             q, k = F.layer_norm(q, (self.head_dim,)), F.layer_norm(k, (self.head_dim,))
+        if self.q_temp is not None:  # every score of the head (window, rel_key, codes) times exp(t_h)
+            q = q * self.q_temp.exp().to(q.dtype)[:, None, None]
         return q, k, v
 
     def block_bias(self, causal: bool = False) -> torch.Tensor | None:
@@ -321,7 +336,8 @@ class VQAttention(nn.Module):
             y = vq_attention(q, k, v, self.codebook, block_len=self.block_len, causal=causal,
                              key_mask=key_mask, bias=self.block_bias(causal), codes=codes,
                              grad_thru_cache=self.grad_thru_cache, prev_block=self.prev_block,
-                             rel_key=self.rel_key, exact_window=self.exact_window, window_rope=self.window_rope)
+                             rel_key=self.rel_key, exact_window=self.exact_window, window_rope=self.window_rope,
+                             code_bias=self.code_bias)
         self.aux_loss = None
         if self.training:
             w = (torch.ones(B, 1, T, device=x.device) if key_mask is None
@@ -362,6 +378,8 @@ class VQAttention(nn.Module):
             vsum, count = v.new_zeros(*v.shape[:2], 1, v.size(-1)), v.new_zeros(*v.shape[:2], 1)
         else:
             a = (q @ cb.transpose(-1, -2)) * scale  # (N, H, 1, S)
+            if self.code_bias is not None:
+                a = a + self.code_bias.to(a.dtype)[:, None, None]
             a = a.masked_fill(cache.count[:, :, None, :] <= 0.5, float("-inf"))
             vsum, count = cache.vsum.to(q.dtype), cache.count.to(q.dtype)
         return _combine(a, vsum, count, e, vals)

@@ -95,9 +95,9 @@ class BlockAttention(torch.autograd.Function):
 
     q (B, H, n, L, D) unscaled queries, ``scale`` applied inside; qw the queries of the window's
     scores, or None for q itself (q rotated for the window's RoPE gets its own gradient);
-    cb (H, S, D) codebook; logc
-    (B, H, n, S) log counts (−inf: empty); vsum (B, H, n, S, D) per-code value sums and cnt
-    (B, H, n, S) their counts clamped to ≥ 1 (the code's mean value is vsum / cnt); kb, vb
+    cb (H, S, D) codebook; logc (B, H, n, S) log counts (−inf: empty) plus any additive code
+    score (its gradient, when asked, sums the code logits' gradient over the block's rows);
+    vsum (B, H, n, S, D) per-code value sums and cnt (B, H, n, S) their counts clamped to ≥ 1 (the code's mean value is vsum / cnt); kb, vb
     (B, H, n, W, D) the window's keys and values; ebias broadcastable to (B, H, n, L, W),
     additive (bias, −inf masks). ``causal``: the block's queries are taken in ``CAUSAL_ROW_GROUPS``
     groups and group r scores only the first W − L + (r+1)·L/groups window keys, the rest
@@ -170,11 +170,12 @@ class BlockAttention(torch.autograd.Function):
         eb_lead, eb2 = eb.shape[:3], eb.reshape(-1, L, W)
         g = d_out.reshape(N, L, D)
         delta = (g * out).sum(-1)  # (N, L)
-        need_sum, need_bias = ctx.needs_input_grad[4], ctx.needs_input_grad[8]
+        need_logc, need_sum, need_bias = ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[8]
         d_q, d_k, d_v = torch.empty_like(q2), torch.empty_like(k2), torch.empty_like(v2)
         d_qw = None if qw is None else torch.empty_like(q2)  # the window queries' own gradient
         d_sum = torch.empty_like(vs2) if need_sum else None
         d_eb = torch.zeros_like(eb2) if need_bias else None
+        d_lc = torch.zeros_like(lc2) if need_logc else None  # the code scores' additive term (a code bias)
         Lr, alpha = L // R, _LOG2E * scale
         p_bufs = None if keep else (q.new_empty(c * Lr * S), q.new_empty(c * Lr * W))
         d_bufs = q.new_empty(c * Lr * S), q.new_empty(c * Lr * W)
@@ -213,6 +214,8 @@ class BlockAttention(torch.autograd.Function):
                 else:
                     d_k[lo:hi, :cols].baddbmm_(de.transpose(1, 2), qwr, alpha=scale)
                     d_v[lo:hi, :cols].baddbmm_(pe.transpose(1, 2), gr)
+                if need_logc:  # logc enters each code's logit with weight 1
+                    d_lc[lo:hi] += da.sum(1)
                 if need_sum:
                     if first:
                         torch.bmm(pa.transpose(1, 2), gr, out=d_sum[lo:hi])
@@ -227,6 +230,7 @@ class BlockAttention(torch.autograd.Function):
                         d_eb[:, rs, :cols].index_add_(0, torch.tensor(ebi, device=de.device), de)
             if need_sum:
                 d_sum[lo:hi] /= cn2[lo:hi, :, None]
-        return (d_q.view(q.shape), None if d_qw is None else d_qw.view(q.shape), None, None,
+        return (d_q.view(q.shape), None if d_qw is None else d_qw.view(q.shape), None,
+                d_lc.view(logc.shape) if need_logc else None,
                 d_sum.view(vsum.shape) if need_sum else None, None, d_k.view(kb.shape), d_v.view(vb.shape),
                 d_eb.view(ebias.shape) if need_bias else None, None, None)

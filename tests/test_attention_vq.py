@@ -22,7 +22,7 @@ def rand(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, block_ste=False,
-          prev_block=True, rel_key=None, exact_window=False, rope=None):
+          prev_block=True, rel_key=None, exact_window=False, rope=None, code_bias=None):
     """O(T²) reference: softmax(q k̂ᵀ/√D [+ window bias]) v with k̂ = C[nearest code].
 
     The explicit window of a query in block n: block n, and block n−1 when causal and
@@ -32,7 +32,7 @@ def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, b
     score q_i·(k̂_j + r(i − j)), r indexed by the absolute offset i − j + L − 1. exact_window:
     window pairs score the exact key k_j (with its own gradient) instead of k̂_j. rope: window
     pairs score RoPE-rotated queries and keys at their absolute positions (pairs beyond the
-    window stay unrotated).
+    window stay unrotated). code_bias (H,): added to the pairs outside the window.
     """
     n = k.size(2)
     codes = quantise(k, codebook)
@@ -56,6 +56,8 @@ def dense(q, k, v, codebook, *, causal, key_mask=None, bias=None, block_len=L, b
         off = (t[:, None] - t[None, :] + block_len - 1).clamp(0, rel_key.size(1) - 1)  # (T, T)
         qr = torch.einsum("bhid,hijd->bhij", q, rel_key[:, off]) / math.sqrt(q.size(-1))
         s = s + torch.where(window, qr, torch.zeros(()).to(s))
+    if code_bias is not None:
+        s = s + torch.where(window, torch.zeros(()).to(s), code_bias[:, None, None])
     if causal:
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     if key_mask is not None:
@@ -318,6 +320,41 @@ def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key
     torch.testing.assert_close(torch.cat(steps[6:], 1), full_perm[:, 6:], atol=1e-12, rtol=0)
 
 
+def test_q_temp_and_code_bias_in_the_layer_and_its_cache() -> None:
+    """q_temp: exp(t_h) times head h's window, rel_key and code scores, i.e. the layer equals the
+    plain layer's attention on queries scaled per head; code_bias: b_h on head h's code scores
+    (vq_attention's own term, against dense in the kernel tests). Zero at init: the plain
+    layer. Incremental decoding equals the full pass with both."""
+    kw = dict(rel_key=True, window_rope=True)
+    attn, plain = layer(q_temp=True, code_bias=True, **kw).eval(), layer(**kw).eval()
+    with torch.no_grad():
+        attn.rel_key.copy_(rand(*attn.rel_key.shape, seed=12))
+    plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k not in ("q_temp", "code_bias")})
+    x = rand(2, 11, 16, seed=2)  # block_len 4: the third block's queries see the first through codes
+    with torch.no_grad():
+        assert rel_err(attn(x, causal=True), plain(x, causal=True)) < 1e-14  # t = b = 0 at init
+        attn.q_temp.copy_(torch.tensor([math.log(3.0), math.log(0.5)], dtype=torch.float64))
+        attn.code_bias.copy_(torch.tensor([1.5, -2.0], dtype=torch.float64))
+        full = attn(x, causal=True)
+        q, k, v = plain.qkv(x)
+        y = vq_attention(q * torch.tensor([3.0, 0.5], dtype=q.dtype)[:, None, None], k, v, plain.codebook,
+                         block_len=plain.block_len, causal=True, bias=plain.block_bias(True),
+                         codes=quantise(k, plain.codebook), prev_block=True, rel_key=plain.rel_key,
+                         window_rope=plain.window_rope, code_bias=attn.code_bias)
+        ref = plain.out_proj(y.transpose(1, 2).reshape(2, 11, 16))
+        cache = attn.new_cache()
+        steps = torch.cat([attn(x[:, t:t + 1], causal=True, cache=cache) for t in range(11)], 1)
+        for t_h, b_h in (([0.0, 0.0], [1.5, -2.0]), ([math.log(3.0), math.log(0.5)], [0.0, 0.0])):
+            one = layer(q_temp=True, code_bias=True, **kw).eval()  # each term alone acts
+            one.load_state_dict(attn.state_dict())
+            one.q_temp.copy_(torch.tensor(t_h, dtype=torch.float64))
+            one.code_bias.copy_(torch.tensor(b_h, dtype=torch.float64))
+            assert rel_err(one(x, causal=True), plain(x, causal=True)) > 1e-3
+    torch.testing.assert_close(full, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(steps, full, atol=1e-12, rtol=0)
+    assert {id(attn.q_temp), id(attn.code_bias)} <= {id(p) for p in attn.parameters()}
+
+
 def test_encoder_layer_depends_on_token_order() -> None:
     x = rand(1, 8, 16, seed=4)
     perm = torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])
@@ -473,21 +510,24 @@ def test_chunked_block_kernel_equals_dense(monkeypatch, slices: int, rows: int, 
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 10:] = False
     g = rand(B, H, T, D, seed=7)
-    for use_mask, use_rel, use_rope in ((False, False, False), (True, False, False), (True, True, False),
-                                        (True, True, True)):
+    for use_mask, use_rel, use_rope, use_cb in ((False, False, False, False), (True, False, False, False),
+                                                (True, True, False, False), (True, True, True, False),
+                                                (True, True, True, True)):
         bias = rand(H, L, W, seed=5).requires_grad_(True)
         rk = rand(H, 3 * L - 1, D, seed=11).requires_grad_(True) if use_rel else None
+        cbias = rand(H, seed=13).requires_grad_(True) if use_cb else None
         km = mask if use_mask else None
-        out = vq_attention(q, k, v, cb, block_len=L, causal=causal, key_mask=km, bias=bias,
-                           prev_block=prev_block, rel_key=rk, window_rope=rope64(2 * L) if use_rope else None)
-        ref = dense(q, k, v, cb, causal=causal, key_mask=km, bias=bias, block_ste=True,
-                    prev_block=prev_block, rel_key=rk, rope=rope64(T) if use_rope else None)
-        assert rel_err(out, ref) < 1e-9, (use_mask, use_rel, use_rope)
-        wrt = (q, k, v, bias) + ((rk,) if use_rel else ())
+        out = vq_attention(q, k, v, cb, block_len=L, causal=causal, key_mask=km, bias=bias, prev_block=prev_block,
+                           rel_key=rk, window_rope=rope64(2 * L) if use_rope else None, code_bias=cbias)
+        ref = dense(q, k, v, cb, causal=causal, key_mask=km, bias=bias, block_ste=True, prev_block=prev_block,
+                    rel_key=rk, rope=rope64(T) if use_rope else None, code_bias=cbias)
+        assert rel_err(out, ref) < 1e-9, (use_mask, use_rel, use_rope, use_cb)
+        wrt = (q, k, v, bias) + ((rk,) if use_rel else ()) + ((cbias,) if use_cb else ())
         got = torch.autograd.grad((out * g).sum(), wrt)
         want = torch.autograd.grad((ref * g).sum(), wrt)
-        for name, a, b in zip("q k v bias rel_key".split(), got, want):
-            assert rel_err(a, b) < 1e-9, (use_mask, use_rel, use_rope, name)
+        names = "q k v bias".split() + (["rel_key"] if use_rel else []) + (["code_bias"] if use_cb else [])
+        for name, a, b in zip(names, got, want):
+            assert rel_err(a, b) < 1e-9, (use_mask, use_rel, use_rope, use_cb, name)
 
 
 @pytest.mark.parametrize("cells", [1, 7 * S, 1 << 20])
