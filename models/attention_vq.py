@@ -57,8 +57,13 @@ to noise (measured: a tiny byte LM, N = 64, 300 steps: 3.47 bits per byte withou
 and one-block windows, against softmax's 2.70).
 Normalised q and k cap a score at √D, so attention cannot sharpen the way unnormalised softmax
 attention can; ``q_temp`` (off by default) multiplies head h's queries, after the norm, by a
-learned exp(t_h), t_h = 0 at init: every score of the head (window, rel_key, codes) scales
-together, and the keys, hence the codes, are untouched.
+learned exp(t_h), exp(t_h) = ``q_temp`` at init (True: 1): every score of the head (window,
+rel_key, codes) scales together, and the keys, hence the codes, are untouched. ``code_bias``
+(off by default): a learned per-head score b_h on the keys before the window, which enter
+through position-free codes, so a head can weigh far against near context. Measured on the
+base byte LM (N = 128, seeds 0 / 1): q_temp 1.5 and code_bias together took vq from 2.366 /
+2.447 to 2.311 / 2.342 bits per byte at N (softmax + RoPE 2.221 / 2.240); the temperatures
+rose to 1.6-2.0, every code bias went negative (−0.1 to −0.5).
 
 Roles: encoder and decoder self-attention. Cross-attention stays softmax: the memory is short
 and projected once per question, where exact softmax is cheap and quantising its keys would
@@ -243,7 +248,7 @@ class VQAttention(nn.Module):
                  dead_threshold: float = 0.1, codebook_init: float = 1.0, rel_bias: bool = True,
                  grad_thru_cache: bool = True, qk_norm: bool = True, prev_block: bool = True,
                  rel_key: bool = False, dead_fraction: float = 0.0, exact_window: bool = False,
-                 window_rope: bool = False, q_temp: bool = False, code_bias: bool = False, **options):
+                 window_rope: bool = False, q_temp: float = 0.0, code_bias: bool = False, **options):
         super().__init__()
         if options:
             raise ValueError(f"attention kind 'vq' takes no options {sorted(options)}; it knows "
@@ -266,8 +271,11 @@ class VQAttention(nn.Module):
         self.grad_thru_cache, self.qk_norm, self.prev_block = grad_thru_cache, qk_norm, prev_block
         # RoPE inside the explicit window, by slot (see vq_attention): buffers only, not saved
         self.window_rope = Rotary(D, 2 * block_len) if window_rope else None
-        # a learned per-head temperature on the queries, exp(t_h), t_h = 0 at init (see qkv)
-        self.q_temp = nn.Parameter(torch.zeros(H)) if q_temp else None
+        # a learned per-head temperature on the queries, exp(t_h) (see qkv); q_temp is its initial
+        # value (True: 1), 0 / False: none
+        if not (isinstance(q_temp, (bool, int, float)) and q_temp >= 0 and math.isfinite(q_temp)):
+            raise ValueError(f"vq q_temp is the initial query temperature (> 0; True = 1; 0 / False = off), got {q_temp!r}")
+        self.q_temp = nn.Parameter(torch.full((H,), math.log(q_temp))) if q_temp else None
         # a learned per-head score added to the keys before the window (seen through codes), 0 at init
         self.code_bias = nn.Parameter(torch.zeros(H)) if code_bias else None
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
