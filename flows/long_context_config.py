@@ -37,11 +37,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (query-dependent relative keys in the window) and dead_fraction 0.01 took vq from 3.025 to
     # 2.563 bits per byte at N (softmax + RoPE 2.221), training 446 s on an AMD EPYC; RoPE in the
     # window (window_rope) in place of the ALiBi-initialised scalar bias (rel_bias off) to 2.366
-    # (671 s on an AMD EPYC with AVX2 only; bench/results/long-context-base-vq-window-rope.json).
+    # (671 s on an AMD EPYC with AVX2 only; bench/results/long-context-base-vq-window-rope.json);
+    # a learned per-head query temperature (q_temp, 1.5 at init) and score on the codes
+    # (code_bias) to 2.311 / 2.342 over seeds 0 / 1 (was 2.366 / 2.447; softmax 2.221 / 2.240),
+    # 610-644 s (bench/results/long-context-base-vq-preset-qtemp15*.json).
     "base": dict(train_len=128, d_model=192, n_head=4, n_layer=6, d_ff=768, steps=600, micro_batch=8,
                  lr=1.5e-3, warmup=50, eval_tokens=65_536,
                  options={"vq": {"codebook_size": 128, "block_len": 32, "qk_norm": True, "prev_block": True,
-                                 "rel_key": True, "dead_fraction": 0.01, "window_rope": True, "rel_bias": False},
+                                 "rel_key": True, "dead_fraction": 0.01, "window_rope": True, "rel_bias": False,
+                                 "q_temp": 1.5, "code_bias": True},
                           "performer": {"nb_features": 128}}),
 }
 
