@@ -274,7 +274,8 @@ class VQAttention(nn.Module):
         # a learned per-head temperature on the queries, exp(t_h) (see qkv); q_temp is its initial
         # value (True: 1), 0 / False: none
         if not (isinstance(q_temp, (bool, int, float)) and q_temp >= 0 and math.isfinite(q_temp)):
-            raise ValueError(f"vq q_temp is the initial query temperature (> 0; True = 1; 0 / False = off), got {q_temp!r}")
+            raise ValueError(f"vq q_temp is the initial query temperature (> 0, True = 1; 0 or False: "
+                             f"no temperature), got {q_temp!r}")
         self.q_temp = nn.Parameter(torch.full((H,), math.log(q_temp))) if q_temp else None
         # a learned per-head score added to the keys before the window (seen through codes), 0 at init
         self.code_bias = nn.Parameter(torch.zeros(H)) if code_bias else None

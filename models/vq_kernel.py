@@ -97,11 +97,12 @@ class BlockAttention(torch.autograd.Function):
     scores, or None for q itself (q rotated for the window's RoPE gets its own gradient);
     cb (H, S, D) codebook; logc (B, H, n, S) log counts (−inf: empty) plus any additive code
     score (its gradient, when asked, sums the code logits' gradient over the block's rows);
-    vsum (B, H, n, S, D) per-code value sums and cnt (B, H, n, S) their counts clamped to ≥ 1 (the code's mean value is vsum / cnt); kb, vb
-    (B, H, n, W, D) the window's keys and values; ebias broadcastable to (B, H, n, L, W),
-    additive (bias, −inf masks). ``causal``: the block's queries are taken in ``CAUSAL_ROW_GROUPS``
-    groups and group r scores only the first W − L + (r+1)·L/groups window keys, the rest
-    being masked for all its queries (the causal triangle is not computed); 1 otherwise.
+    vsum (B, H, n, S, D) per-code value sums and cnt (B, H, n, S) their counts clamped to ≥ 1
+    (the code's mean value is vsum / cnt); kb, vb (B, H, n, W, D) the window's keys and values;
+    ebias broadcastable to (B, H, n, L, W), additive (bias, −inf masks). ``causal``: the block's
+    queries are taken in ``CAUSAL_ROW_GROUPS`` groups and group r scores only the first
+    W − L + (r+1)·L/groups window keys, the rest being masked for all its queries (the causal
+    triangle is not computed); 1 otherwise.
 
     Small problems (``chunk_slices``): one pass, probabilities kept for the backward. Large:
     flash-style, chunk by chunk of (head, block) slices into reused tiles, saving only the output
