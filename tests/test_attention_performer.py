@@ -11,10 +11,8 @@ import torch.nn.functional as F
 from models.attention_performer import (PerformerAttention, PerformerCache, favor_features, key_features,
                                         orthogonal_gaussian, performer_attention)
 from models.vq_codebook import quantise
-
-
-def rand(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from tests.test_attention_vq import rand
+from tests.test_attention_vq_layer import causal_sensitivity, decode_with_reorder
 
 
 def gen(seed: int) -> torch.Generator:
@@ -92,15 +90,6 @@ def layer(**kw) -> PerformerAttention:
     return PerformerAttention(d_model=16, n_head=2, rope=Rotary(8, 32), nb_features=12, chunk_len=4, **kw).double()
 
 
-def causal_sensitivity(attn, x: torch.Tensor) -> torch.Tensor:
-    """|∂(r·y_t)/∂x_j| summed over channels, r random: (T out, T in); the Jacobian's block pattern."""
-    x = x.clone().requires_grad_(True)
-    y = attn(x, causal=True)[0]  # (T, C)
-    r = rand(y.size(-1), seed=99)
-    rows = [torch.autograd.grad(y[t] @ r, x, retain_graph=True)[0][0].abs().sum(-1) for t in range(y.size(0))]
-    return torch.stack(rows)
-
-
 def test_module_causality_jacobian() -> None:
     attn = layer().eval()
     x = rand(1, 9, 16, seed=1)
@@ -113,14 +102,7 @@ def test_incremental_decoding_equals_full_with_reorder() -> None:
     attn = layer().eval()
     x = rand(3, 10, 16, seed=2)
     perm = torch.tensor([1, 1, 2])
-    with torch.no_grad():
-        full, full_perm = attn(x, causal=True), attn(x[perm], causal=True)
-        cache, steps = attn.new_cache(), []
-        for t in range(10):
-            if t == 5:
-                cache = cache.index_select(perm)
-            rows = perm if t >= 5 else torch.arange(3)
-            steps.append(attn(x[rows, t:t + 1], causal=True, cache=cache))
+    full, full_perm, steps, cache = decode_with_reorder(attn, x, perm, at=5)
     assert isinstance(cache, PerformerCache) and cache.length == 10
     assert cache.state.shape == (3, 2, 12, 8) and cache.norm.shape == (3, 2, 12)  # (m, D) + (m,) per head
     torch.testing.assert_close(torch.cat(steps[:5], 1), full[:, :5], atol=1e-12, rtol=0)

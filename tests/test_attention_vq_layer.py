@@ -29,6 +29,21 @@ def causal_sensitivity(attn, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def decode_with_reorder(attn, x: torch.Tensor, perm: torch.Tensor, at: int):
+    """The full causal pass on x and on x[perm], and a token-by-token pass through the layer's
+    cache whose rows are reordered by ``perm`` before step ``at`` (a beam search's reorder):
+    (full, full_perm, steps (list of (B, 1, C)), cache)."""
+    with torch.no_grad():
+        full, full_perm = attn(x, causal=True), attn(x[perm], causal=True)
+        cache, steps = attn.new_cache(), []
+        for t in range(x.size(1)):
+            if t == at:
+                cache = cache.index_select(perm)
+            rows = perm if t >= at else torch.arange(x.size(0))
+            steps.append(attn(x[rows, t:t + 1], causal=True, cache=cache))
+    return full, full_perm, steps, cache
+
+
 def test_module_causality_jacobian() -> None:
     attn = layer().eval()
     x = rand(1, 10, 16, seed=1)
@@ -50,14 +65,7 @@ def test_incremental_decoding_equals_full_with_reorder(prev_block: bool, rel_key
             attn.rel_key.copy_(rand(*attn.rel_key.shape, seed=12))
     x = rand(3, 11, 16, seed=2)  # 11 tokens: 2 full blocks and a partial one
     perm = torch.tensor([2, 0, 0])
-    with torch.no_grad():
-        full, full_perm = attn(x, causal=True), attn(x[perm], causal=True)
-        cache, steps = attn.new_cache(), []
-        for t in range(11):
-            if t == 6:
-                cache = cache.index_select(perm)
-            rows = perm if t >= 6 else torch.arange(3)
-            steps.append(attn(x[rows, t:t + 1], causal=True, cache=cache))
+    full, full_perm, steps, cache = decode_with_reorder(attn, x, perm, at=6)
     if exact or rope:  # the variant is not the plain quantised form in disguise
         twin = layer(prev_block=prev_block, rel_key=rel_key).eval()
         twin.load_state_dict(attn.state_dict())
