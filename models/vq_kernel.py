@@ -8,11 +8,14 @@ GFLOP/s on the AVX2 EPYC, cache-sized tiles run the GEMMs at ~80-100. Scores are
 with exp2 (log2 e folded into the GEMMs: torch's exp takes a slow path for underflowing results,
 ~6 ns per element against 0.5), causal blocks skip the empty corner of the causal triangle
 (``CAUSAL_ROW_GROUPS``), and the cross-block sums are a loop of adds (torch's cumsum over a
-middle dim ran at ~10 ns per element). What is left at 8k is the FLOP count: per query S code
-scores at 6 GEMM passes and ~W − L/4 window scores at 7, against causal SDPA's ~T/2 at 7, and
-the memory-bound passes between the GEMMs. (The page faults of fresh full-size tensors past
-glibc's 32 MB mmap threshold cost little here: keeping freed blocks for reuse changed 32k
-tokens by −6% (one-block window) to +1% (two-block); see ``bench.attention --allocator heap``.)
+middle dim ran at ~10 ns per element). What is left (``bench.vq_profile``, one-block window, AVX2
+EPYC): per query S code scores at 6 GEMM passes and ~W − L/4 window scores at 7, against causal
+SDPA's ~T/2 at 7 (a FLOP ceiling of 4.6× SDPA at 8k, 18× at 32k), the GEMMs at 77-84 GFLOP/s
+between the other passes (118-137 alone), and 40% of the time outside the GEMMs: elementwise
+passes, exp2, bias seeding, Python per tile. Past that takes one fused kernel per slice. (The
+page faults of fresh full-size tensors past glibc's 32 MB mmap threshold cost little here:
+keeping freed blocks for reuse changed 32k tokens by −6% (one-block window) to +1% (two-block);
+see ``bench.attention --allocator heap``.)
 """
 from __future__ import annotations
 
