@@ -109,6 +109,9 @@ def alone_rate(mats: tuple, threads: int, seconds: float = 0.2) -> float:
 
 
 def profile_point(impl: str, T: int, threads: int, repeat: int, sdpa: bool, top: int) -> dict:
+    """One length: wall times (impl, and SDPA when ``sdpa``), the profile's split by category,
+    the GEMM shape groups by time (the ``top`` ones also run alone), the FLOP ceiling against
+    SDPA's nominal count, and the wall time the GEMMs' alone rates would give."""
     spec = IMPLS[impl]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, T, HEAD_DIM, generator=g).requires_grad_(True) for _ in range(3))
