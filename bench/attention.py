@@ -143,14 +143,28 @@ def mmapped_bytes(mib: int = 64) -> int:
     return held
 
 
+def make_inputs(seq_len: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The benchmark's q, k, v (1, HEADS, T, HEAD_DIM), requiring grad, and the output gradient."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, generator=g).to(device, dtype).requires_grad_(True)
+               for _ in range(3))
+    return q, k, v, torch.randn(1, HEADS, seq_len, HEAD_DIM, generator=g).to(device, dtype)
+
+
+def fwd_bwd_seconds(spec: Impl, state: object, q, k, v, grad, device: torch.device) -> float:
+    """One timed forward+backward of ``spec`` (the input gradients cleared after)."""
+    t0 = time.perf_counter()
+    spec.run(q, k, v, state).backward(grad)
+    _sync(device)
+    q.grad = k.grad = v.grad = None
+    return time.perf_counter() - t0
+
+
 def measure_point(impl: str, seq_len: int, dtype: torch.dtype, device: torch.device, repeat: int) -> dict:
     """fwd+bwd seconds (median after a warm-up), peak memory growth, and minor page faults per
     timed call of one (impl, T)."""
     spec = IMPLS[impl]
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, generator=g).to(device, dtype).requires_grad_(True)
-               for _ in range(3))
-    grad = torch.randn(1, HEADS, seq_len, HEAD_DIM, generator=g).to(device, dtype)
+    q, k, v, grad = make_inputs(seq_len, dtype, device)
     state = spec.setup(device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -158,12 +172,7 @@ def measure_point(impl: str, seq_len: int, dtype: torch.dtype, device: torch.dev
     base = _peak_bytes(device)
 
     def once() -> float:
-        t0 = time.perf_counter()
-        out = spec.run(q, k, v, state)
-        out.backward(grad)
-        _sync(device)
-        q.grad = k.grad = v.grad = None
-        return time.perf_counter() - t0
+        return fwd_bwd_seconds(spec, state, q, k, v, grad, device)
 
     once()  # warm-up: allocator, kernel selection
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -23,10 +23,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench import emit
-from bench.attention import HEAD_DIM, HEADS, IMPLS, machine
+from bench.attention import HEAD_DIM, HEADS, IMPLS, Impl, fwd_bwd_seconds, machine, make_inputs
 
 GEMMS = frozenset({"aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_"})
 CATEGORY = {"aten::exp2_": "exp2", "aten::exp2": "exp2", "aten::copy_": "copy (bias seeding, strided outputs)",
@@ -112,25 +111,17 @@ def profile_point(impl: str, T: int, threads: int, repeat: int, sdpa: bool, top:
     """One length: wall times (impl, and SDPA when ``sdpa``), the profile's split by category,
     the GEMM shape groups by time (the ``top`` ones also run alone), the FLOP ceiling against
     SDPA's nominal count, and the wall time the GEMMs' alone rates would give."""
-    spec = IMPLS[impl]
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, HEADS, T, HEAD_DIM, generator=g).requires_grad_(True) for _ in range(3))
-    grad = torch.randn(1, HEADS, T, HEAD_DIM, generator=g)
-    state = spec.setup(torch.device("cpu"), torch.float32)
+    cpu, spec, sdpa_spec = torch.device("cpu"), IMPLS[impl], IMPLS["sdpa"]
+    q, k, v, grad = make_inputs(T, torch.float32, cpu)
+    state = spec.setup(cpu, torch.float32)
 
-    def once(fn) -> float:
-        t0 = time.perf_counter()
-        fn(q, k, v).backward(grad)
-        q.grad = k.grad = v.grad = None
-        return time.perf_counter() - t0
+    def median_s(contender: Impl, st: object) -> float:  # after a warm-up
+        fwd_bwd_seconds(contender, st, q, k, v, grad, cpu)
+        return statistics.median(fwd_bwd_seconds(contender, st, q, k, v, grad, cpu) for _ in range(repeat))
 
-    def run(q_, k_, v_):
-        return spec.run(q_, k_, v_, state)
-
-    once(run)
-    wall = statistics.median(once(run) for _ in range(repeat))
+    wall = median_s(spec, state)
     with torch.profiler.profile(record_shapes=True) as prof:
-        once(run)
+        fwd_bwd_seconds(spec, state, q, k, v, grad, cpu)
     cats, shapes = split(prof.events())
     total = sum(cats.values())
     flops = sum(s[1] for s in shapes.values())
@@ -138,8 +129,9 @@ def profile_point(impl: str, T: int, threads: int, repeat: int, sdpa: bool, top:
     groups = sorted(shapes.items(), key=lambda kv: -kv[1][2])
     rows, proj_gemm_s = [], 0.0
     for i, ((op, mats), (calls, fl, s)) in enumerate(groups):
-        row = {"op": op, "shapes": " · ".join("x".join(map(str, m)) for m in mats), "calls": calls, "gflop": round(fl / 1e9, 3),
-               "self_s": round(s, 4), "gflops_in_place": round(fl / s / 1e9, 1) if s else None}
+        row = {"op": op, "shapes": " · ".join("x".join(map(str, m)) for m in mats), "calls": calls,
+               "gflop": round(fl / 1e9, 3), "self_s": round(s, 4),
+               "gflops_in_place": round(fl / s / 1e9, 1) if s else None}
         if i < top:
             row["gflops_alone"] = round(alone_rate(mats, threads), 1)
             row["gflops_alone_1_thread"] = round(alone_rate(mats, 1), 1)
@@ -149,17 +141,15 @@ def profile_point(impl: str, T: int, threads: int, repeat: int, sdpa: bool, top:
             proj_gemm_s += s
     point = {"impl": impl, "seq_len": T, "fwd_bwd_s": round(wall, 4), "profiled_s": round(total, 4),
              "fractions": {c: round(s / total, 4) for c, s in sorted(cats.items(), key=lambda kv: -kv[1])},
-             "gemm_gflop": round(flops / 1e9, 2), "gemm_gflops_in_place": round(flops / gemm_s / 1e9, 1) if gemm_s else None,
+             "gemm_gflop": round(flops / 1e9, 2),
+             "gemm_gflops_in_place": round(flops / gemm_s / 1e9, 1) if gemm_s else None,
              "gemm_shapes": rows,
              # the wall time if the GEMMs ran at the alone rates, everything else unchanged
              "fwd_bwd_s_gemms_at_alone_rate": round(wall * (1 - gemm_s / total) + wall / total * proj_gemm_s, 4),
              "sdpa_gflop_nominal": round(7 * HEADS * HEAD_DIM * T * T / 1e9, 1)}
     point["flop_ceiling_over_sdpa"] = round(point["sdpa_gflop_nominal"] / point["gemm_gflop"], 2)
     if sdpa:
-        def run_sdpa(q_, k_, v_):
-            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
-        once(run_sdpa)
-        s = statistics.median(once(run_sdpa) for _ in range(repeat))
+        s = median_s(sdpa_spec, sdpa_spec.setup(cpu, torch.float32))
         point.update(sdpa_fwd_bwd_s=round(s, 4), sdpa_over_impl=round(s / wall, 3),
                      sdpa_over_impl_gemms_at_alone_rate=round(s / point["fwd_bwd_s_gemms_at_alone_rate"], 3),
                      sdpa_gflops=round(point["sdpa_gflop_nominal"] / s, 1))
